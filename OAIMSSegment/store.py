@@ -200,8 +200,15 @@ def _serialize(state: dict) -> bytes:
     return data
 
 
-def _error(action: str, e: OSError) -> StoreError:
-    return StoreError(f"{action} failed: {e.strerror or e} ({e.filename or ''}); the previous version is kept")
+_NOT_SAVED = "; the site model was not saved, the previous version is kept"
+_UNCHANGED = "; nothing was changed"
+
+
+def _error(action: str, e: OSError, tail: str = _NOT_SAVED) -> StoreError:
+    """A StoreError for a failed file operation: what failed, why, where, and what is still safe."""
+    # Name the folder rather than our random temp file name.
+    where = Path(e.filename).parent if e.filename and str(e.filename).endswith(".tmp") else e.filename
+    return StoreError(f"{action} failed: {e.strerror or e}{f' ({where})' if where else ''}{tail}")
 
 
 class SiteModel:
@@ -281,7 +288,11 @@ class SiteModel:
         return self.path / VERSIONS / f"v{version:06d}.pt"
 
     def _append_history(self, entry: dict) -> None:
-        """Append one JSON line (caller holds the lock); start a fresh line after a torn one."""
+        """Append one JSON line (caller holds the lock).
+
+        A torn last line (a crash mid-append) is cut off first, like the tail of a write-ahead
+        log, so that it neither swallows this entry nor lingers as a corrupt line in the middle.
+        """
         line = json.dumps(entry, sort_keys=False, allow_nan=False) + "\n"
         path = self.path / HISTORY
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
@@ -290,7 +301,8 @@ class SiteModel:
             if size:
                 os.lseek(fd, size - 1, os.SEEK_SET)
                 if os.read(fd, 1) != b"\n":
-                    line = "\n" + line
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    os.ftruncate(fd, os.read(fd, size).rfind(b"\n") + 1)
             os.write(fd, line.encode("utf-8"))
             os.fsync(fd)
         finally:
@@ -337,7 +349,7 @@ class SiteModel:
         except FileNotFoundError:
             return []
         except OSError as e:
-            raise _error("reading the history", e) from e
+            raise _error("reading the history", e, "") from e
         entries = []
         for i, raw in enumerate(lines):
             if not raw.strip():
@@ -388,8 +400,8 @@ class SiteModel:
                 try:
                     data, state = self._read_version(manifest, version)
                 except FileNotFoundError as e:
-                    if version == current:
-                        # Another process may have moved the pointer and pruned this file: re-read.
+                    # Another process may have moved the pointer and pruned this file: start over.
+                    if version == current and self._read_manifest()["current"] != current:
                         raced = True
                         break
                     problems.append(str(e))
@@ -531,7 +543,7 @@ class SiteModel:
                 self._write_manifest(manifest)
                 self._append_history({"time": _now(), "action": action, "version": version, "from": previous})
         except OSError as e:
-            raise _error(f"{action} of site model {self.site!r}", e) from e
+            raise _error(f"{action} of site model {self.site!r}", e, _UNCHANGED) from e
 
     def rollback(self, version: int) -> None:
         """Make ``version`` current (0 = pretrained). Its file is verified first. Nothing is deleted."""
@@ -569,7 +581,7 @@ class SiteModel:
         try:
             _atomic_write(out, buf.getvalue())
         except OSError as e:
-            raise _error(f"exporting to {out}", e) from e
+            raise _error(f"exporting to {out}", e, "") from e
         return out
 
     def import_archive(
@@ -695,7 +707,7 @@ class SiteModelStore:
             (path / VERSIONS).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             if not (path / MANIFEST).exists():
-                raise _error(f"creating site {site!r} in {self.root}", e) from e
+                raise _error(f"creating site {site!r} in {self.root}", e, "") from e
         model = SiteModel(path, site, model_name, base_sha256, self.keep_last, self.keep_every, self.lock_timeout)
         if (path / MANIFEST).exists() or (path / MANIFEST_BAK).exists():
             self._check_base(model, base_sha256, allow_base_change)
@@ -711,7 +723,7 @@ class SiteModelStore:
                     })
                     model._append_history({"time": now, "action": "create", "version": 0, "base_sha256": base_sha256})
         except OSError as e:
-            raise _error(f"creating site {site!r}", e) from e
+            raise _error(f"creating site {site!r}", e, "") from e
         self._check_base(model, base_sha256, allow_base_change)
         return model
 
@@ -739,4 +751,4 @@ class SiteModelStore:
                     "old_base_sha256": stored, "base_sha256": base_sha256,
                 })
         except OSError as e:
-            raise _error(f"changing the base model of site {model.site!r}", e) from e
+            raise _error(f"changing the base model of site {model.site!r}", e, _UNCHANGED) from e
