@@ -254,7 +254,7 @@ class SiteModel:
         except Timeout as e:
             raise StoreError(
                 f"site {self.site!r} is locked by another process (waited {self.lock_timeout:g} s); "
-                "the site model was not saved"
+                "nothing was changed, try again"
             ) from e
         except OSError as e:
             raise _error("locking the site model store", e) from e
@@ -264,12 +264,17 @@ class SiteModel:
             self._lock.release()
 
     def _read_manifest(self) -> dict:
+        """The committed manifest; its backup (with a warning) if it is unreadable or malformed."""
         errors = []
         for name in (MANIFEST, MANIFEST_BAK):
             try:
                 manifest = json.loads((self.path / name).read_text(encoding="utf-8"))
-                if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-                    raise ValueError("not a store manifest of format %d" % FORMAT)
+                if not (
+                    isinstance(manifest, dict) and manifest.get("format") == FORMAT
+                    and isinstance(manifest.get("current"), int) and isinstance(manifest.get("next_version"), int)
+                    and isinstance(manifest.get("versions"), dict) and isinstance(manifest.get("base_sha256"), str)
+                ):
+                    raise ValueError(f"not a store manifest of format {FORMAT}")
             except (OSError, ValueError) as e:
                 errors.append(f"{name}: {e}")
                 continue
@@ -293,7 +298,7 @@ class SiteModel:
         A torn last line (a crash mid-append) is cut off first, like the tail of a write-ahead
         log, so that it neither swallows this entry nor lingers as a corrupt line in the middle.
         """
-        line = json.dumps(entry, sort_keys=False, allow_nan=False) + "\n"
+        line = json.dumps(entry, allow_nan=False) + "\n"
         path = self.path / HISTORY
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
         try:
@@ -314,10 +319,16 @@ class SiteModel:
         if not log:
             return
         try:
-            with self.locked():
-                self._append_history({"time": _now(), "action": "warning", "message": message, **fields})
-        except (StoreError, OSError):
-            pass  # read-only or locked store: the warnings.warn above is all we can do
+            # Briefly: a reader must not wait out another workstation's whole save for a log line.
+            self._lock.acquire(timeout=1.0)
+        except (Timeout, OSError):
+            return  # read-only or busy store: the warnings.warn above is all we can do
+        try:
+            self._append_history({"time": _now(), "action": "warning", "message": message, **fields})
+        except OSError:
+            pass
+        finally:
+            self._lock.release()
 
     # ------------------------------------------------------------------ reading
 

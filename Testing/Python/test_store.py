@@ -501,3 +501,24 @@ def test_two_processes_saving_concurrently(store: SiteModelStore, site: SiteMode
     lock.acquire()  # raises Timeout if a process still held it
     lock.release()
     assert leftovers(site) == []
+
+
+def test_busy_lock_refuses_save_but_not_reads(store: SiteModelStore, tmp_path: Path) -> None:
+    site = SiteModelStore(store.root, lock_timeout=0.2).open("hospital-A", "unet3d", BASE)
+    s1 = make_state(1)
+    site.save_version(s1, {})
+    other = FileLock(str(site.path / ".lock"))  # another workstation in the middle of a save
+    with other:
+        with pytest.raises(StoreError, match="locked by another process"):
+            site.save_version(make_state(2), {})
+        assert_same_state(s1, site.load_current())
+    assert site.save_version(make_state(2), {}) == 2
+
+
+def test_crashed_writer_leftovers_are_swept(site: SiteModel) -> None:
+    site.save_version(make_state(1), {})
+    stale = [site.path / "versions" / ".v000002.pt.abc123.tmp", site.path / ".manifest.json.def456.tmp"]
+    for p in stale:
+        p.write_bytes(b"half written")
+    site.save_version(make_state(2), {})
+    assert not any(p.exists() for p in stale)
