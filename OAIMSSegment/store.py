@@ -471,7 +471,11 @@ class SiteModel:
                 for v in pruned:
                     with contextlib.suppress(OSError):
                         self._version_path(v).unlink()
-                self._append_history({"time": now, "action": action, "version": version, "parent": parent, **info})
+                try:
+                    self._append_history({"time": now, "action": action, "version": version, "parent": parent, **info})
+                except OSError as e:
+                    # The version is committed: telling the caller "not saved" would be false.
+                    self._warn(f"version {version} was saved but its history line was not: {e}", log=False)
                 return version
         except OSError as e:
             raise _error(f"saving the site model {self.site!r}", e) from e

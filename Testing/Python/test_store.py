@@ -522,3 +522,19 @@ def test_crashed_writer_leftovers_are_swept(site: SiteModel) -> None:
         p.write_bytes(b"half written")
     site.save_version(make_state(2), {})
     assert not any(p.exists() for p in stale)
+
+
+def test_history_failure_after_commit_is_a_warning(site: SiteModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    s1 = make_state(1)
+    real_open = os.open
+
+    def full_history(path: object, *args: object, **kwargs: object) -> int:
+        if Path(str(path)).name == "history.jsonl":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", full_history)
+    with pytest.warns(StoreWarning, match="saved but its history line was not"):
+        assert site.save_version(s1, {}) == 1
+    monkeypatch.undo()
+    assert_same_state(s1, site.load_current())
