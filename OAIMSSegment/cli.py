@@ -14,7 +14,12 @@ import sys
 from OAIMSSegment.errors import OAIMSError
 
 #: Modules that contribute sub-commands, in the order shown by ``--help``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "OAIMSSegment.demo",
+    "OAIMSSegment.pretrain",
+    "OAIMSSegment.evaluate",
+    "OAIMSSegment.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceFocalLoss
+from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
 from OAIMSSegment.clicks import Click
@@ -28,18 +28,18 @@ class DiceFocal(nn.Module):
     def __init__(self, binary: bool, alpha: float = 0.7) -> None:
         super().__init__()
         self.binary = binary
-        self.loss = DiceFocalLoss(
-            sigmoid=binary,
-            softmax=not binary,
-            to_onehot_y=not binary,
-            lambda_dice=1.0 - alpha,
-            lambda_focal=alpha,
-        )
+        self.alpha = alpha
+        # MONAI's DiceFocalLoss applies a per-channel sigmoid in its focal term even for
+        # softmax outputs; composing the two losses keeps the focal term a softmax focal
+        # loss for K-class models.
+        self.dice = DiceLoss(sigmoid=binary, softmax=not binary, to_onehot_y=not binary)
+        self.focal = FocalLoss(use_softmax=not binary, to_onehot_y=not binary)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, 1|K, H, W); ``target`` (B, H, W) integer classes. Returns a scalar."""
         target = target.unsqueeze(1)
-        return self.loss(logits, target.float() if self.binary else target.long())
+        target = target.float() if self.binary else target.long()
+        return (1.0 - self.alpha) * self.dice(logits, target) + self.alpha * self.focal(logits, target)
 
 
 def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""Datasets: nnU-Net v2 raw layout (NIfTI volumes cut into 2D slices, PNG images) and synthetic data.
+
+An nnU-Net raw dataset is a folder with ``dataset.json`` (``channel_names``, ``labels``,
+``file_ending``), ``imagesTr/`` + ``labelsTr/`` and optionally ``imagesTs/`` + ``labelsTs/``.
+Images are ``<case>_<channel:04d><ending>``; an RGB PNG is one file holding R, G, B.
+Everything is returned as :class:`Sample` s of channels-first 2D arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from OAIMSSegment.errors import DatasetError
+
+#: Volume axis (numpy order z, y, x of a SimpleITK array) that each slicing orientation cuts.
+SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+
+@dataclass
+class Sample:
+    """One 2D image with its ground truth.
+
+    Attributes:
+        image: ``(C, H, W)`` float32 raw intensities.
+        label: ``(H, W)`` int64 class map.
+        name: case name, plus ``:<slice index>`` for a slice of a volume.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    name: str
+
+
+class NnUNetDataset:
+    """An nnU-Net v2 raw dataset folder.
+
+    Raises:
+        DatasetError: missing folder or ``dataset.json``, or a ``dataset.json`` without the
+            keys the layout requires.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset folder {self.root} does not exist")
+        meta_path = self.root / "dataset.json"
+        if not meta_path.is_file():
+            raise DatasetError(f"{self.root} is not an nnU-Net raw dataset: dataset.json is missing")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as error:
+            raise DatasetError(f"{meta_path} is not valid JSON: {error}") from error
+        missing = [key for key in ("channel_names", "labels", "file_ending") if key not in meta]
+        if missing:
+            raise DatasetError(f"{meta_path} lacks required key(s): {', '.join(missing)}")
+        self.meta = meta
+        self.file_ending: str = meta["file_ending"]
+        self.labels: dict[str, int] = {str(k): int(v) for k, v in meta["labels"].items()}
+        channels = meta["channel_names"]
+        self.channel_names = [channels[k] for k in sorted(channels, key=int)]
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def rgb(self) -> bool:
+        """One RGB file per case (PNG fundus photographs)."""
+        return [name.upper() for name in self.channel_names] == ["R", "G", "B"]
+
+    @property
+    def image_channels(self) -> int:
+        return len(self.channel_names)
+
+    def cases(self, split: str = "Tr") -> list[str]:
+        """Case names of ``split`` (``"Tr"`` or ``"Ts"``) that have a label file."""
+        if split not in ("Tr", "Ts"):
+            raise DatasetError(f"split must be 'Tr' or 'Ts', got {split!r}")
+        images = self.root / f"images{split}"
+        if not images.is_dir():
+            raise DatasetError(f"{self.root} has no images{split}/ folder")
+        suffix = f"_0000{self.file_ending}"
+        cases = sorted(p.name[: -len(suffix)] for p in images.glob(f"*{suffix}"))
+        labelled = [c for c in cases if (self.root / f"labels{split}" / f"{c}{self.file_ending}").is_file()]
+        if not labelled:
+            raise DatasetError(f"{images} holds no labelled cases (expected <case>_0000{self.file_ending})")
+        return labelled
+
+    def load_case(self, case: str, split: str = "Tr") -> tuple[np.ndarray, np.ndarray]:
+        """``(image (C, *spatial) float32, label (*spatial) int64)`` in numpy (z, y, x) / (y, x) order."""
+        label = sitk.GetArrayFromImage(_read(self.root / f"labels{split}" / f"{case}{self.file_ending}"))
+        if self.rgb:
+            rgb = sitk.GetArrayFromImage(_read(self.root / f"images{split}" / f"{case}_0000{self.file_ending}"))
+            if rgb.ndim != 3 or rgb.shape[-1] < 3:
+                raise DatasetError(f"{case}: expected an RGB image, got array shape {rgb.shape}")
+            image = np.moveaxis(rgb[..., :3], -1, 0)
+        else:
+            image = np.stack([
+                sitk.GetArrayFromImage(_read(self.root / f"images{split}" / f"{case}_{c:04d}{self.file_ending}"))
+                for c in range(self.image_channels)
+            ])
+        if label.ndim == 3 and label.shape[-1] in (3, 4) and image.ndim == 3:
+            label = label[..., 0]  # a label PNG saved as RGB(A): all channels equal
+        if image.shape[1:] != label.shape:
+            raise DatasetError(f"{case}: image {image.shape[1:]} and label {label.shape} sizes differ")
+        unknown = set(np.unique(label).tolist()) - set(self.labels.values())
+        if unknown:
+            raise DatasetError(f"{case}: label values {sorted(unknown)} are not in dataset.json labels")
+        return image.astype(np.float32), label.astype(np.int64)
+
+    def samples(
+        self, split: str = "Tr", axis: str = "axial", min_foreground: int = 1, max_cases: int | None = None
+    ) -> Iterator[Sample]:
+        """2D samples: each 2D case as it is; each 3D case as slices along ``axis`` having at
+        least ``min_foreground`` foreground pixels."""
+        if axis not in SLICE_AXES:
+            raise DatasetError(f"axis must be one of {', '.join(SLICE_AXES)}, got {axis!r}")
+        for case in self.cases(split)[:max_cases]:
+            image, label = self.load_case(case, split)
+            if label.ndim == 2:
+                if int((label > 0).sum()) >= min_foreground:
+                    yield Sample(image, label, case)
+                continue
+            along = SLICE_AXES[axis]
+            counts = (label > 0).sum(axis=tuple(a for a in range(3) if a != along))
+            for index in np.flatnonzero(counts >= max(1, min_foreground)):
+                yield Sample(
+                    np.ascontiguousarray(np.take(image, index, axis=along + 1)),
+                    np.ascontiguousarray(np.take(label, index, axis=along)),
+                    f"{case}:{index}",
+                )
+
+
+def _read(path: Path) -> sitk.Image:
+    if not path.is_file():
+        raise DatasetError(f"missing file {path}")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise DatasetError(f"cannot read {path}: {error}") from error
+
+
+# -- synthetic data ---------------------------------------------------------------------------
+
+
+def synthetic_sample(rng: np.random.Generator, domain: str = "source", size: int = 128) -> Sample:
+    """A synthetic image with three blobs, one of which is the target (in the spirit of the
+    synthetic disks of Wong et al.), in a ``"source"`` or a shifted ``"target"`` appearance.
+
+    Source: blobs brighter than a dark, smooth background. Target (the "new site"): the
+    contrast is inverted (blobs darker than a brighter, textured background with a bias
+    field), as when a model trained on FLAIR meets T1.
+
+    Returns:
+        :class:`Sample` with image ``(1, size, size)`` and label ``(size, size)`` in {0, 1}.
+    """
+    if domain not in ("source", "target"):
+        raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    blobs = []
+    for _ in range(3):
+        centre = rng.uniform(0.2 * size, 0.8 * size, 2)
+        radii = rng.uniform(0.06 * size, 0.16 * size, 2)
+        angle = rng.uniform(0, np.pi)
+        dr, dc = rows - centre[0], cols - centre[1]
+        u = dr * np.cos(angle) + dc * np.sin(angle)
+        v = -dr * np.sin(angle) + dc * np.cos(angle)
+        blobs.append((u / radii[0]) ** 2 + (v / radii[1]) ** 2 <= 1.0)
+    label = blobs[0].copy()
+    for other in blobs[1:]:
+        label &= ~other  # the target is what is left of blob 0 where the others overlap it
+    if label.sum() < 20:
+        return synthetic_sample(rng, domain, size)
+    intensities = rng.uniform(0.5, 1.0, 3)
+    image = np.zeros((size, size), np.float32)
+    for blob, value in zip(blobs[::-1], intensities[::-1]):
+        image[blob] = value
+    image[label] = intensities[0]
+    if domain == "target":
+        bias = 1.0 + 0.3 * np.sin(rows / size * np.pi * rng.uniform(0.5, 2)) * np.cos(cols / size * np.pi)
+        image = (1.2 - image) * bias
+        image += 0.15 * rng.standard_normal((size, size)).astype(np.float32)
+    else:
+        image += 0.05 * rng.standard_normal((size, size)).astype(np.float32)
+    return Sample(image[None].astype(np.float32), label.astype(np.int64), f"synthetic-{domain}")
+
+
+def synthetic_samples(n: int, domain: str, seed: int, size: int = 128) -> list[Sample]:
+    """``n`` seeded synthetic samples of one domain."""
+    rng = np.random.default_rng(seed)
+    samples = [synthetic_sample(rng, domain, size) for _ in range(n)]
+    for index, sample in enumerate(samples):
+        sample.name = f"synthetic-{domain}-{seed}-{index:04d}"
+    return samples

@@ -1,0 +1,320 @@
+"""The simulated-clinician benchmark (OAIMS paper, Section 3 and Appendix A.2/A.9).
+
+A sequence of images (seeded order, or "worst first") is segmented one after the other by
+one :class:`~OAIMSSegment.session.InteractiveSession` per method, so adaptation carries
+over from image to image as at a real site. On each image the simulated clinician places
+a localization click inside the target and then ``T - 1`` correction clicks, each in the
+largest erroneous region of the current prediction (:mod:`OAIMSSegment.clicks`); Dice is
+measured after every click; then the segment is accepted (post-interaction adaptation
+uses the model's final prediction, never the ground truth).
+
+Robustness options of the paper (Table 11): a fraction of the clicks placed wrongly, or
+the first ``k`` clicks wrong. A wrong click is placed on a pixel the model already got
+right and asks for another class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+from tqdm import tqdm
+
+from OAIMSSegment.clicks import correction_click, localization_click, wrong_click
+from OAIMSSegment.data import NnUNetDataset, Sample
+from OAIMSSegment.errors import DatasetError, OAIMSError
+from OAIMSSegment.model import ClickSegmenter, load_model
+from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
+
+NOC_CAP = 20
+
+
+@dataclass
+class Protocol:
+    """How the simulated clinician behaves.
+
+    Attributes:
+        clicks: clicks per image ``T``.
+        wrong_fraction: probability that a click (after the first) is a wrong click.
+        first_wrong: the first ``k`` clicks of every image are wrong.
+        order: ``"random"`` (seeded) or ``"worst-first"`` (ascending frozen Dice after one click).
+    """
+
+    clicks: int = 10
+    wrong_fraction: float = 0.0
+    first_wrong: int = 0
+    order: str = "random"
+
+
+@dataclass
+class MethodRun:
+    """Per-image Dice curves and latencies of one method over one sequence."""
+
+    dice: list[list[float]] = field(default_factory=list)  # images x clicks, mean foreground Dice
+    dice_per_class: dict[str, list[list[float]]] = field(default_factory=dict)
+    mi_ms: list[float] = field(default_factory=list)
+    pi_ms: list[float] = field(default_factory=list)
+    accepted_updates: int = 0
+
+
+def class_dice(mask: np.ndarray, target: np.ndarray, labels: dict[str, int]) -> dict[str, float]:
+    """Dice per foreground class (MONAI ``compute_dice``), plus ``disc`` (= rim + cup) when both exist.
+
+    An empty class in both prediction and target scores 1.0.
+    """
+    num_classes = len(labels)
+    prediction = torch.as_tensor(mask.astype(np.int64))
+    truth = torch.as_tensor(target.astype(np.int64))
+    one_hot = lambda m: torch.nn.functional.one_hot(m, num_classes).permute(2, 0, 1)[None].float()  # noqa: E731
+    scores = compute_dice(one_hot(prediction), one_hot(truth), include_background=True, ignore_empty=False)[0]
+    names = {index: name for name, index in labels.items()}
+    result = {names[k]: float(scores[k]) for k in range(1, num_classes)}
+    if "rim" in labels and "cup" in labels:
+        disc_pred = (prediction > 0).float()[None, None]
+        disc_true = (truth > 0).float()[None, None]
+        result["disc"] = float(compute_dice(disc_pred, disc_true, include_background=True, ignore_empty=False)[0, 0])
+    return result
+
+
+def mean_foreground(scores: dict[str, float], labels: dict[str, int]) -> float:
+    return float(np.mean([scores[name] for name, index in labels.items() if index > 0]))
+
+
+def run_method(
+    model: ClickSegmenter,
+    method: str,
+    samples: Sequence[Sample],
+    protocol: Protocol,
+    config: AdaptConfig,
+    seed: int,
+    progress: bool = True,
+) -> MethodRun:
+    """Segment ``samples`` in order with a fresh copy of ``model`` adapted by ``method``."""
+    session = InteractiveSession(copy.deepcopy(model), method, config)
+    labels = model.card.labels
+    rng = np.random.default_rng(seed)
+    run = MethodRun()
+    for sample in tqdm(samples, desc=method, unit="img", disable=not progress, leave=False):
+        target = sample.label
+        session.start(sample.image)
+        curve: list[float] = []
+        per_class: dict[str, list[float]] = {}
+        mask = np.zeros_like(target)
+        for t in range(protocol.clicks):
+            wrong = t < protocol.first_wrong or (t > 0 and rng.random() < protocol.wrong_fraction)
+            if wrong:
+                click = wrong_click(mask, target, model.card.num_classes, rng)
+            elif t == 0:
+                click = localization_click(target, rng)
+            else:
+                click = correction_click(mask, target, model.card.num_classes)
+            if click is not None:
+                result = session.add_click(click.position, click.label)
+                mask = result.mask
+                if result.adapt_ms > 0:
+                    run.mi_ms.append(result.latency_ms)
+            scores = class_dice(mask, target, labels)
+            curve.append(mean_foreground(scores, labels))
+            for name, value in scores.items():
+                per_class.setdefault(name, []).append(value)
+        accepted = session.accept()
+        if accepted.applied:
+            run.accepted_updates += 1
+            run.pi_ms.append(accepted.latency_ms)
+        run.dice.append(curve)
+        for name, values in per_class.items():
+            run.dice_per_class.setdefault(name, []).append(values)
+    return run
+
+
+def number_of_clicks(curves: np.ndarray, threshold: float, cap: int = NOC_CAP) -> float:
+    """Mean clicks to reach ``threshold`` Dice; an image that never does counts as ``cap``."""
+    reached = curves >= threshold
+    counts = np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, cap)
+    return float(counts.mean())
+
+
+def order_samples(samples: list[Sample], model: ClickSegmenter, protocol: Protocol, seed: int) -> list[Sample]:
+    """Seeded random order, or worst first: ascending Dice of the frozen model after one click."""
+    rng = np.random.default_rng(seed)
+    ordered = [samples[i] for i in rng.permutation(len(samples))]
+    if protocol.order == "random":
+        return ordered
+    if protocol.order != "worst-first":
+        raise OAIMSError(f"unknown order {protocol.order!r} (random or worst-first)")
+    first = run_method(model, "frozen", ordered, Protocol(clicks=1), AdaptConfig(), seed, progress=False)
+    return [ordered[i] for i in np.argsort([curve[0] for curve in first.dice], kind="stable")]
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.percentile(values, 50)), float(np.percentile(values, 95))
+
+
+def evaluate(
+    model: ClickSegmenter,
+    samples: list[Sample],
+    methods: Sequence[str],
+    protocol: Protocol,
+    seeds: Sequence[int],
+    config: AdaptConfig | None = None,
+) -> dict:
+    """Run every method over the sequence for every seed; return the JSON-ready summary.
+
+    Per method: ``dice`` (mean Dice after clicks 1..T, averaged over images, then seeds),
+    ``dice_std`` (standard deviation over seeds), ``dice_per_class``, ``noc`` (``"80"``,
+    ``"90"``), ``latency_ms`` (``mi_p50``, ``mi_p95``, ``pi_p50``, ``pi_p95``).
+    """
+    config = config or AdaptConfig()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise OAIMSError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    results: dict[str, dict] = {}
+    for method in methods:
+        per_seed = []
+        for seed in seeds:
+            ordered = order_samples(samples, model, protocol, seed)
+            per_seed.append(run_method(model, method, ordered, protocol, config, seed))
+        curves = np.array([np.mean(run.dice, axis=0) for run in per_seed])  # seeds x clicks
+        all_curves = np.concatenate([np.array(run.dice) for run in per_seed])
+        names = list(per_seed[0].dice_per_class)
+        mi = [v for run in per_seed for v in run.mi_ms]
+        pi = [v for run in per_seed for v in run.pi_ms]
+        mi_p50, mi_p95 = _percentiles(mi)
+        pi_p50, pi_p95 = _percentiles(pi)
+        results[method] = {
+            "dice": curves.mean(axis=0).tolist(),
+            "dice_std": curves.std(axis=0).tolist(),
+            "dice_per_class": {
+                name: np.mean([np.mean(run.dice_per_class[name], axis=0) for run in per_seed], axis=0).tolist()
+                for name in names
+            },
+            "dice_per_class_std": {
+                name: np.std([np.mean(run.dice_per_class[name], axis=0) for run in per_seed], axis=0).tolist()
+                for name in names
+            },
+            "noc": {
+                "80": number_of_clicks(all_curves, 0.8),
+                "90": number_of_clicks(all_curves, 0.9),
+            },
+            "latency_ms": {"mi_p50": mi_p50, "mi_p95": mi_p95, "pi_p50": pi_p50, "pi_p95": pi_p95},
+            "accepted_updates": int(sum(run.accepted_updates for run in per_seed)),
+        }
+    return {"results": results}
+
+
+def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None = None) -> None:
+    """Dice (or one class's Dice) vs clicks, one line per method with a +-1 std band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, result in summary["results"].items():
+        mean = np.array(result["dice"] if metric is None else result["dice_per_class"][metric])
+        std = np.array(result["dice_std"] if metric is None else result["dice_per_class_std"][metric])
+        clicks = np.arange(1, len(mean) + 1)
+        axis.plot(clicks, mean, marker="o", markersize=3, label=method)
+        axis.fill_between(clicks, mean - std, mean + std, alpha=0.15)
+    axis.set_xlabel("clicks")
+    axis.set_ylabel("Dice" if metric is None else f"Dice ({metric})")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def select_samples(samples: list[Sample], max_images: int | None, seed: int) -> list[Sample]:
+    """At most ``max_images`` samples, picked evenly across the dataset (deterministic)."""
+    if max_images is None or len(samples) <= max_images:
+        return samples
+    indices = np.linspace(0, len(samples) - 1, max_images).round().astype(int)
+    return [samples[i] for i in indices]
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="simulated-clinician benchmark on a dataset")
+    parser.add_argument("--model", required=True, help="shipped model name or weights/card path")
+    parser.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder")
+    parser.add_argument("--split", default="Ts", choices=["Tr", "Ts"])
+    parser.add_argument("--methods", default="frozen,pi,pi+mi", help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--clicks", type=int, default=10, help="clicks per image T")
+    parser.add_argument("--max-images", type=int, help="use at most N images, spread evenly over the dataset")
+    parser.add_argument("--min-foreground", type=int, default=1, help="skip slices with fewer foreground pixels")
+    parser.add_argument("--axis", default="axial", help="slicing orientation of 3D volumes")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    parser.add_argument("--order", default="random", choices=["random", "worst-first"])
+    parser.add_argument("--wrong-fraction", type=float, default=0.0, help="fraction of wrong clicks (paper: 0.4)")
+    parser.add_argument("--first-wrong", type=int, default=0, help="the first k clicks of each image are wrong")
+    parser.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    parser.add_argument("--beta", type=float, default=AdaptConfig.beta)
+    parser.add_argument("--sigma", type=float, default=AdaptConfig.sigma)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--json", required=True, help="write results here")
+    parser.add_argument("--plot", help="write a Dice-vs-clicks PNG here")
+    parser.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clicks < 1:
+        raise OAIMSError("--clicks must be at least 1")
+    if not 0.0 <= args.wrong_fraction <= 1.0:
+        raise OAIMSError("--wrong-fraction must be in [0, 1]")
+    model = load_model(args.model)
+    dataset = NnUNetDataset(args.dataset)
+    if dataset.image_channels != model.card.image_channels:
+        raise DatasetError(
+            f"model {model.card.name!r} takes {model.card.image_channels} channel(s) but {dataset.name} has "
+            f"{dataset.image_channels} ({', '.join(dataset.channel_names)})"
+        )
+    if set(dataset.labels) != set(model.card.labels):
+        raise DatasetError(f"dataset labels {dataset.labels} differ from the model's {model.card.labels}")
+    samples = select_samples(
+        list(dataset.samples(args.split, axis=args.axis, min_foreground=args.min_foreground)), args.max_images, args.seed
+    )
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    protocol = Protocol(args.clicks, args.wrong_fraction, args.first_wrong, args.order)
+    config = AdaptConfig(lr=args.lr, beta=args.beta, sigma=args.sigma)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    started = time.time()
+    summary = evaluate(model, samples, methods, protocol, seeds, config)
+    summary.update({
+        "n_images": len(samples), "dataset": f"{dataset.name}/images{args.split}", "model": model.card.name,
+        "seed": args.seed, "seeds": seeds, "protocol": vars(protocol), "config": vars(config),
+        "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1),
+    })
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    if args.plot:
+        plot_curves(summary, args.plot, f"{model.card.name} on {summary['dataset']} ({len(samples)} images)")
+    print_table(summary)
+    return 0
+
+
+def print_table(summary: dict, at: Sequence[int] = (1, 3, 5, 10)) -> None:
+    """Dice (%) at selected click counts and NoC@80/90, one row per method."""
+    clicks = len(next(iter(summary["results"].values()))["dice"])
+    columns = [c for c in at if c <= clicks] or [clicks]
+    print(f"{'method':<16}" + "".join(f"{f'{c} clk':>9}" for c in columns) + f"{'NoC@80':>8}{'NoC@90':>8}")
+    for method, result in summary["results"].items():
+        cells = "".join(f"{100 * result['dice'][c - 1]:>9.1f}" for c in columns)
+        print(f"{method:<16}{cells}{result['noc']['80']:>8.2f}{result['noc']['90']:>8.2f}")
