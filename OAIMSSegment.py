@@ -926,7 +926,6 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for className, classIndex in sorted(card.labels.items(), key=lambda item: item[1]):
             if classIndex:
                 self.ui.classComboBox.addItem(className, classIndex)
-        self.ui.classComboBox.visible = card.num_classes > 2
         self._updateSiteInfo()
 
     def _installDependencies(self) -> None:

@@ -179,7 +179,8 @@ def volume_channels(volume_node: "slicer.vtkMRMLVolumeNode") -> int:
     name = volume_node.GetName()
     if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InvalidImageError(f"'{name}' is a labelmap; choose the image volume to segment")
-    if volume_node.IsA("vtkMRMLTensorVolumeNode") or volume_node.IsA("vtkMRMLDiffusionWeightedVolumeNode"):
+    # (vtkMRMLVectorVolumeNode derives from vtkMRMLTensorVolumeNode: test the diffusion classes.)
+    if volume_node.IsA("vtkMRMLDiffusionTensorVolumeNode") or volume_node.IsA("vtkMRMLDiffusionWeightedVolumeNode"):
         raise InvalidImageError(f"'{name}' is a diffusion/tensor volume; choose a scalar or RGB volume")
     components = volume_node.GetImageData().GetNumberOfScalarComponents() if volume_node.GetImageData() else 0
     if components == 1:
@@ -275,11 +276,15 @@ def _ensure_segmentation_converters() -> None:
 def prepare_segmentation(segmentation_node: "slicer.vtkMRMLSegmentationNode", volume_node: "slicer.vtkMRMLVolumeNode") -> None:
     """Make the segmentation hold labelmaps on the volume's voxel grid and be displayable.
 
-    The reference geometry is only set while the segmentation is empty: changing it under
-    existing segments would resample work the user already did.
+    An empty segmentation is put under the volume's parent transform and given the volume's
+    geometry, so that slices are written voxel for voxel, without resampling (the reference
+    geometry ignores transforms). A segmentation that already holds segments is left as it is:
+    changing its frame or geometry would resample work the user already did; slices written
+    into it are resampled onto its grid instead.
     """
     _ensure_segmentation_converters()
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     if segmentation_node.GetDisplayNode() is None and segmentation_node.GetScene() is not None:
         segmentation_node.CreateDefaultDisplayNodes()
@@ -339,12 +344,22 @@ def write_slice_mask(
     mask = np.asarray(mask)
     if mask.shape != location.shape:
         raise InvalidImageError(f"mask of shape {mask.shape} does not fit the slice of shape {location.shape}")
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
     extent = location.extent
+    # MODE_REPLACE is not usable here: on segments that share a labelmap layer it clears the
+    # whole segment, and otherwise it can crop the labelmap to the modifier. Instead, as the
+    # Segment Editor's effects do: erase the slice (minimum with zeros, only this segment's
+    # voxels), then add the new mask (masking). Both are confined to the slice's extent; a
+    # segment that would overwrite another one on its layer is moved to a layer of its own.
+    eraser = _oriented_slice_image(segmentation_node, volume_node, location, None)
+    for segment_id in class_segments.values():
+        if not logic.SetBinaryLabelmapToSegment(eraser, segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent):
+            raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
     for label, segment_id in class_segments.items():
+        if not (mask == label).any():
+            continue
         modifier = _oriented_slice_image(segmentation_node, volume_node, location, mask == label)
-        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-            modifier, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, extent
-        ):
+        if not logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent):
             raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
 
 
