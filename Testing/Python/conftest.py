@@ -26,7 +26,7 @@ def tiny_card(channels: int = 1, labels: dict[str, int] | None = None, **kwargs)
         task="test",
         image_channels=channels,
         labels=labels or {"background": 0, "lesion": 1},
-        network={"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "norm": "instance"},
+        network=kwargs.pop("network", {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "norm": "instance"}),
         **kwargs,
     )
 

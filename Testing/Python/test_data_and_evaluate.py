@@ -1,0 +1,100 @@
+"""Dataset reading, the evaluate command's JSON and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import require_shared_data, tiny_card, write_nnunet_dataset
+from OAIMSSegment.cli import main
+from OAIMSSegment.data import NnUNetDataset, synthetic_samples
+from OAIMSSegment.errors import DatasetError
+from OAIMSSegment.model import ClickSegmenter, save_model
+
+
+def test_nifti_volumes_are_cut_into_slices_with_foreground(tmp_path):
+    dataset = NnUNetDataset(write_nnunet_dataset(tmp_path / "ds", "nifti"))
+    samples = list(dataset.samples("Ts"))
+    assert len(samples) == 9  # 3 cases x slices 2..4
+    assert samples[0].image.shape == (1, 48, 48) and samples[0].label.shape == (48, 48)
+    assert all(s.label.any() for s in samples) and samples[0].name == "case0:2"
+
+
+def test_rgb_png_is_read_channels_first(tmp_path):
+    dataset = NnUNetDataset(write_nnunet_dataset(tmp_path / "ds", "png", rgb=True))
+    sample = next(dataset.samples("Ts"))
+    assert dataset.rgb and sample.image.shape == (3, 40, 40)
+    assert set(np.unique(sample.label)) == {0, 1, 2}
+
+
+def test_bad_datasets_are_explained(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        NnUNetDataset(tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(DatasetError, match="dataset.json is missing"):
+        NnUNetDataset(tmp_path / "bad")
+    (tmp_path / "bad" / "dataset.json").write_text('{"labels": {}}')
+    with pytest.raises(DatasetError, match="channel_names"):
+        NnUNetDataset(tmp_path / "bad")
+
+
+def test_synthetic_domains_are_seeded_and_shifted():
+    a = synthetic_samples(3, "source", seed=1)
+    b = synthetic_samples(3, "source", seed=1)
+    t = synthetic_samples(3, "target", seed=1)
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert np.array_equal(a[0].label, t[0].label)  # same geometry, other appearance
+    inside = a[0].label.astype(bool)
+    assert a[0].image[0][inside].mean() > a[0].image[0][~inside].mean()
+    assert t[0].image[0][inside].mean() < t[0].image[0][~inside].mean()
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    path = tmp_path / "tiny.pt"
+    save_model(ClickSegmenter(tiny_card()), path)
+    return path
+
+
+def test_evaluate_writes_the_documented_json(tmp_path, tiny_weights):
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=2)
+    out = tmp_path / "out.json"
+    code = main(["evaluate", "--model", str(tiny_weights), "--dataset", str(root), "--methods", "frozen,pi+mi",
+                 "--clicks", "3", "--max-images", "3", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    assert code == 0
+    summary = json.loads(out.read_text())
+    assert {"results", "n_images", "dataset", "model", "seed"} <= set(summary)
+    assert summary["n_images"] == 3
+    for method in ("frozen", "pi+mi"):
+        result = summary["results"][method]
+        assert len(result["dice"]) == 3 and all(0.0 <= d <= 1.0 for d in result["dice"])
+        assert set(result["dice_per_class"]) == {"lesion"}
+        assert set(result["noc"]) == {"80", "90"} and 1 <= result["noc"]["80"] <= 20
+        assert set(result["latency_ms"]) == {"mi_p50", "mi_p95", "pi_p50", "pi_p95"}
+    assert summary["results"]["frozen"]["latency_ms"]["mi_p50"] is None
+    assert summary["results"]["pi+mi"]["latency_ms"]["mi_p50"] > 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_evaluate_errors_exit_2_with_one_line(tmp_path, tiny_weights, capsys):
+    rgb = write_nnunet_dataset(tmp_path / "rgb", "png", rgb=True)
+    for args, message in [
+        (["--dataset", str(tmp_path / "nowhere")], "does not exist"),
+        (["--dataset", str(rgb)], "channel"),
+    ]:
+        code = main(["evaluate", "--model", str(tiny_weights), *args, "--json", str(tmp_path / "x.json")])
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err
+
+
+@pytest.mark.data
+def test_real_brats_and_fundus_datasets_read():
+    flair = NnUNetDataset(require_shared_data("Dataset001_BraTS18_FLAIR"))
+    sample = next(flair.samples("Ts"))
+    assert sample.image.shape == (1, 240, 240) and sample.label.any()
+    fundus = NnUNetDataset(require_shared_data("Dataset003_DrishtiGS"))
+    eye = next(fundus.samples("Ts"))
+    assert eye.image.shape[0] == 3 and set(np.unique(eye.label)) <= {0, 1, 2}
