@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Produce the shipped segmentation models (seeded; CPU). Run from the repository root:
 #   bash scripts/train_models.sh [demo|brain|fundus]...   (default: all three)
+# Training uses whole images (--crop 0): crops around the target teach the model that
+# everything bright in view is target, which over-segments full slices at inference.
 # Each model's card (Resources/Models/<name>.json) records this command and its sha256.
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -10,13 +12,13 @@ for m in "${models[@]}"; do
   case "$m" in
     demo) $PY -m OAIMSSegment pretrain --dataset synthetic --synthetic-n 400 --out Resources/Models/demo-synthetic-blobs.pt \
             --task "Synthetic blobs (demo model; trained on the synthetic source appearance)" \
-            --channels 16,32,64,128 --steps 400 --batch-size 8 --crop 0 --seed 0 --no-resume ;;
+            --channels 16,32,64,128 --steps 1000 --batch-size 8 --crop 0 --seed 0 --no-resume ;;
     brain) $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --out Resources/Models/brain-lesion-flair.pt \
             --task "Brain tumour (whole) on axial FLAIR MRI slices" \
-            --steps 2000 --batch-size 8 --crop 128 --seed 0 --no-resume ;;
+            --steps 1200 --batch-size 8 --crop 0 --seed 0 --no-resume ;;
     fundus) $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset003_DrishtiGS" --out Resources/Models/fundus-disc-cup.pt \
             --task "Optic disc rim and cup on disc-centred RGB fundus photographs" \
-            --working-size 256 --steps 1500 --batch-size 8 --crop 128 --seed 0 --no-resume ;;
+            --working-size 256 --steps 1000 --batch-size 6 --crop 0 --seed 0 --no-resume ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
   esac
 done
