@@ -1,0 +1,70 @@
+"""Shipped models: card, checksum, and a sane segmentation of real images with simulated clicks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import require_shared_data
+from OAIMSSegment.clicks import correction_click, localization_click
+from OAIMSSegment.data import NnUNetDataset, synthetic_samples
+from OAIMSSegment.evaluate import class_dice, mean_foreground
+from OAIMSSegment.model import list_models, load_model, sha256_file, MODELS_DIR
+from OAIMSSegment.session import AdaptConfig, InteractiveSession
+
+SHIPPED = {"demo-synthetic-blobs": None, "brain-lesion-flair": "Dataset001_BraTS18_FLAIR", "fundus-disc-cup": "Dataset003_DrishtiGS"}
+
+
+def clicked_dice(session, sample, clicks: int, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    session.start(sample.image)
+    click = localization_click(sample.label, rng)
+    for _ in range(clicks):
+        mask = session.add_click(click.position, click.label).mask
+        click = correction_click(mask, sample.label, session.card.num_classes)
+        if click is None:
+            break
+    return mean_foreground(class_dice(mask, sample.label, session.card.labels), session.card.labels)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_card_and_checksum(name):
+    assert name in [card.name for card in list_models()], f"{name} is not shipped"
+    model = load_model(name)
+    card = model.card
+    assert sha256_file(MODELS_DIR / card.weights) == card.sha256
+    assert (MODELS_DIR / card.weights).stat().st_size < 10 * 2**20  # small enough to ship
+    assert card.training["command"] and card.training["seed"] == 0
+    assert card.metrics, f"{name}: the card records no measured Dice"
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", ["brain-lesion-flair", "fundus-disc-cup"])
+def test_shipped_model_segments_real_images(name):
+    dataset = NnUNetDataset(require_shared_data(SHIPPED[name]))
+    samples = [s for s in dataset.samples("Ts", min_foreground=200)]
+    samples = samples[:: max(1, len(samples) // 4)][:4]
+    session = InteractiveSession(load_model(name), "frozen")
+    scores = [clicked_dice(session, sample, clicks=5) for sample in samples]
+    assert np.mean(scores) > 0.7, scores
+
+
+def test_demo_model_adapts_to_the_shifted_site_and_guard_lets_ordinary_updates_pass():
+    model = load_model("demo-synthetic-blobs")
+    session = InteractiveSession(model, "pi+mi", AdaptConfig())
+    applied = 0
+    for sample in synthetic_samples(6, "target", seed=5):
+        clicked_dice(session, sample, clicks=4)
+        applied += session.accept().applied
+    assert applied >= 5  # the drift guard (max_dice_drop 0.1) rejects only harmful updates
+
+
+def test_drift_guard_rejects_a_collapsing_update():
+    model = load_model("demo-synthetic-blobs")
+    session = InteractiveSession(model, "pi", AdaptConfig(lr=5.0))  # an absurd step size
+    sample = synthetic_samples(1, "source", seed=3)[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clicked_dice(session, sample, clicks=3)
+    result = session.accept()
+    assert not result.applied and ("Dice" in result.reason or "non-finite" in result.reason)
+    assert all(np.array_equal(before[k].numpy(), v.numpy()) for k, v in model.state_dict().items())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The real-data benchmark runs behind docs/BENCHMARKS.md. Run from the repository root:
+#   bash scripts/run_benchmarks.sh [brain|brain-extra|fundus|sweep]...
+# Results: results/<name>.json and docs/figures/<name>.png; tables: python scripts/tables.py.
+set -euo pipefail
+PY=${PYTHON:-python}
+DATA=${OAIMS_DATA:-../shared/data}
+THREADS=${THREADS:-1}
+mkdir -p results docs/figures
+BASELINES=frozen,ia+sa,tsca,ce-pi,ent-pi,pi,pi+mi
+BRAIN=(--model brain-lesion-flair --min-foreground 50 --max-images 30 --threads "$THREADS")
+FUNDUS=(--model fundus-disc-cup --max-images 30 --threads "$THREADS")
+ev() { local name=$1; shift; $PY -m OAIMSSegment evaluate "$@" --json "results/$name.json" --plot "docs/figures/$name.png"; }
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(brain fundus)
+for part in "${parts[@]}"; do
+  case "$part" in
+    sweep)  # learning-rate sweep of PI+MI on the shifted brain data (one seed, T = 5)
+      for lr in 1e-5 3e-5 1e-4 3e-4 1e-3; do
+        ev "sweep-lr-$lr" "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods pi+mi --clicks 5 --lr "$lr" --seed 100
+      done ;;
+    brain)
+      ev brain-t1 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods "$BASELINES" --clicks 10 --seeds 3
+      ev brain-flair-control "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
+    brain-extra)
+      ev brain-t1-T3 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi,pi+mi --clicks 3 --seeds 3
+      ev brain-t1-T5 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi,pi+mi --clicks 5 --seeds 3
+      ev brain-t1-noc "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,tsca,pi+mi --clicks 20 --seeds 3
+      ev brain-t1-wrong40 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi --clicks 10 --seeds 3 --wrong-fraction 0.4
+      ev brain-t1-first4wrong "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi --clicks 10 --seeds 3 --first-wrong 4
+      ev brain-t1-worstfirst "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi --clicks 10 --seeds 3 --order worst-first
+      ev brain-t1-ablation "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods mi,pi,pi+mi,pi+mi/no-class,pi+mi/uniform,pi+mi/sigma0,ce-mi+pi,ent-mi+pi --clicks 10 --seeds 3 ;;
+    fundus)
+      ev fundus-origa "${FUNDUS[@]}" --dataset "$DATA/Dataset004_ORIGA" --methods "$BASELINES" --clicks 10 --seeds 3
+      ev fundus-drishti-control "${FUNDUS[@]}" --dataset "$DATA/Dataset003_DrishtiGS" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
