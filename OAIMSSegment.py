@@ -322,17 +322,11 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return InteractiveSession(model, method=method_name(self.mi, self.pi), config=AdaptConfig(**self.adaptOverrides))
 
     def _applySettings(self) -> None:
-        """Rebuild the session for new settings, keeping weights, optimizer state and pretrained weights."""
-        old = self._session
-        state = old.state_dict()
-        # A session remembers the weights it was built with as "pretrained" (reset goes back to
-        # them): build the new one on the pretrained weights, then load the adapted state.
-        old.model.load_state_dict(old.pretrained)
-        self._session = self._newSession(old.model)
-        self._session.load_state_dict(state)
-        # load_state_dict restores the optimizer's old learning rate with its moments.
-        for group in self._session.optimizer.param_groups:
-            group["lr"] = self._session.config.lr
+        """Apply new MI/PI switches and settings, keeping weights and optimizer state."""
+        from OAIMSSegment.session import AdaptConfig, method_name
+
+        self._settingsChanged = False
+        self._session.reconfigure(method_name(self.mi, self.pi), AdaptConfig(**self.adaptOverrides))
 
     def _requireSession(self):
         if self._session is None:

@@ -311,8 +311,21 @@ class InteractiveSession:
         self.model.load_state_dict(state["model"])
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
+            # The saved state carries the learning rate it was saved with; the config decides.
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr
         if self.teacher is not None:
             self.teacher.load_state_dict(state.get("teacher", state["model"]))
+
+    def reconfigure(self, method: str | None = None, config: AdaptConfig | None = None) -> None:
+        """Change the method and/or hyper-parameters between images, keeping the adapted
+        weights, the optimizer state and the pretrained reference used by :meth:`reset_weights`."""
+        if self.active:
+            raise SessionStateError("accept or discard the current image before changing adaptation settings")
+        state, pretrained = self.state_dict(), self.pretrained
+        self.__init__(self.model, method or self.method, config or self.config)
+        self.pretrained = pretrained
+        self.load_state_dict(state)
 
     def reset_weights(self) -> None:
         """Back to the pretrained weights, with a fresh optimizer."""

@@ -184,3 +184,21 @@ def test_images_of_any_size_and_resized_working_space(disk_image):
     result = session.add_click((20, 90), 2)
     assert result.mask.shape == (37, 101) and result.probabilities.shape == (3, 37, 101)
     assert session.prepared.tensor.shape[-2:] == (20, 48)  # 37x101 -> 18x48 working, padded to 4
+
+
+def test_reconfigure_keeps_weights_optimizer_and_pretrained(tiny_model, disk_image):
+    image, _ = disk_image
+    pretrained = weights(tiny_model)
+    session = InteractiveSession(tiny_model, "pi+mi", AdaptConfig(lr=1e-3))
+    session.start(image)
+    session.add_click((30, 34), 1)
+    session.add_click((5, 5), 0)
+    with pytest.raises(SessionStateError, match="accept or discard"):
+        session.reconfigure("frozen")
+    session.accept()
+    adapted = weights(tiny_model)
+    session.reconfigure("tsca", AdaptConfig(lr=5e-4))
+    assert session.method == "tsca" and session.optimizer.param_groups[0]["lr"] == 5e-4
+    assert torch.equal(adapted, weights(tiny_model)) and session.optimizer.state_dict()["state"]
+    session.reset_weights()
+    assert torch.equal(pretrained, weights(tiny_model))
