@@ -556,10 +556,18 @@ def evaluate(model: ProposalModel, images: ImageSet, n: int, k: int, seed: int, 
     Dice is 1 when both added foregrounds are empty; proposals that add no pixel are left
     out of the Dice means and counted in ``empty_fraction``. ``distinct_per_input`` is the
     mean number of different proposals among the ``k`` of an input.
+
+    Diagnostics of what the model learned, on the same inputs and their targets ``y``:
+    ``target_added_foreground`` / ``target_added_background`` (what the training pairs add),
+    and with ``z`` = the encoder's posterior mean ``mu(x, y)``: ``posterior_recall`` (share of
+    the target's new pixels decided) and ``posterior_spill`` (share of the other undecided
+    pixels decided). Equal values mean the decoder ignores where the target grows.
     """
     rng = np.random.default_rng([seed, 3])
     generator = torch.Generator().manual_seed(seed)
-    totals: dict[str, list[float]] = {key: [] for key in ("fg", "bg", "any", "consistent", "true")}
+    totals: dict[str, list[float]] = {
+        key: [] for key in ("fg", "bg", "any", "consistent", "true", "target_fg", "target_bg", "recall", "spill")
+    }
     empty = distinct = 0
     for begin in range(0, n, chunk):
         indices = np.arange(begin, min(begin + chunk, n)) % images.images.shape[0]
@@ -568,6 +576,15 @@ def evaluate(model: ProposalModel, images: ImageSet, n: int, k: int, seed: int, 
         x = torch.from_numpy(np.stack([images.images[indices], pairs["x_m"], pairs["x_s"]], axis=1).astype(np.float32))
         _, m, s = sample_proposals(model, x, k, generator)
         m, s = m.numpy(), s.numpy()
+        y = torch.from_numpy(np.stack([pairs["y_m"], pairs["y_s"]], axis=1).astype(np.float32))
+        with torch.no_grad():
+            posterior_m, _ = binarise(model.decode(model.encode(x, y)[0], x), x[:, 1:2], x[:, 2:3])
+        posterior_m = posterior_m[:, 0].numpy()
+        new, rest = pairs["y_m"] & ~pairs["x_m"], ~pairs["y_m"]
+        totals["target_fg"] += list((new & pairs["y_s"]).sum(axis=(1, 2)))
+        totals["target_bg"] += list((new & ~pairs["y_s"]).sum(axis=(1, 2)))
+        totals["recall"] += list((posterior_m & new).sum(axis=(1, 2)) / np.maximum(new.sum(axis=(1, 2)), 1))
+        totals["spill"] += list((posterior_m & rest).sum(axis=(1, 2)) / np.maximum(rest.sum(axis=(1, 2)), 1))
         for row, index in enumerate(indices):
             x_m, x_s = pairs["x_m"][row], pairs["x_s"][row]
             candidates = images.candidates(int(index))
@@ -598,6 +615,10 @@ def evaluate(model: ProposalModel, images: ImageSet, n: int, k: int, seed: int, 
         "dice_true": mean(totals["true"]),
         "empty_fraction": empty / (n * k),
         "distinct_per_input": distinct / n,
+        "target_added_foreground": mean(totals["target_fg"]),
+        "target_added_background": mean(totals["target_bg"]),
+        "posterior_recall": mean(totals["recall"]),
+        "posterior_spill": mean(totals["spill"]),
     }
 
 
