@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from OAIMSSegment.clicks import Click, guidance_maps, localization_click, ranked_error_clicks
+from OAIMSSegment.clicks import Click, correction_click, guidance_maps, localization_click, ranked_error_clicks
 from OAIMSSegment.data import NnUNetDataset, Sample, synthetic_samples
 from OAIMSSegment.errors import DatasetError, ModelError
 from OAIMSSegment.losses import DiceFocal, ccg_loss
-from OAIMSSegment.model import ClickSegmenter, ModelCard, atomic_write_bytes, hard_labels, save_model
+from OAIMSSegment.model import ClickSegmenter, ModelCard, atomic_write_bytes, hard_labels, load_model, save_model
 
 
 @dataclass
@@ -51,6 +51,7 @@ class PretrainConfig:
     alpha: float = 0.7
     seed: int = 0
     checkpoint_every: int = 250
+    iterative: int = 0
 
 
 def to_working(model: ClickSegmenter, samples: list[Sample]) -> list[TrainItem]:
@@ -104,6 +105,15 @@ def _batch(items: list[TrainItem], config: PretrainConfig, rng: np.random.Genera
     return padded
 
 
+def _predict(model: ClickSegmenter, images: torch.Tensor, click_sets: list[list[Click]]) -> np.ndarray:
+    """Hard predictions ``(B, H, W)`` without gradient for a batch and its click sets."""
+    card = model.card
+    guidance = torch.stack([guidance_maps(cs, images.shape[-2:], card.num_classes, card.guidance_sigma) for cs in click_sets])
+    model.eval()
+    with torch.no_grad():
+        return hard_labels(model(torch.cat([images, guidance], dim=1))).numpy()
+
+
 def train_step(
     model: ClickSegmenter,
     optimizer: torch.optim.Optimizer,
@@ -117,15 +127,21 @@ def train_step(
     images = torch.stack([b.image for b in batch])
     labels = torch.stack([b.label for b in batch])
     shape = labels.shape[-2:]
-    location = [localization_click(b.label.numpy(), rng) for b in batch]
-    with torch.no_grad():
-        model.eval()
-        guidance = torch.stack([guidance_maps([c], shape, card.num_classes, card.guidance_sigma) for c in location])
-        first = hard_labels(model(torch.cat([images, guidance], dim=1))).numpy()
-    click_sets: list[list[Click]] = []
-    for i, b in enumerate(batch):
+    targets = [b.label.numpy() for b in batch]
+    click_sets: list[list[Click]] = [[localization_click(target, rng)] for target in targets]
+    predictions = _predict(model, images, click_sets)
+    # Optional inference-style rounds (as in RITM): the simulated clinician's corrections of
+    # the model's own predictions, so training also sees click sets built one click at a time.
+    rounds = int(rng.integers(0, config.iterative + 1)) if config.iterative else 0
+    for _ in range(rounds):
+        for i, target in enumerate(targets):
+            click = correction_click(predictions[i], target, card.num_classes)
+            if click is not None:
+                click_sets[i].append(click)
+        predictions = _predict(model, images, click_sets)
+    for i, target in enumerate(targets):
         k = int(rng.integers(1, config.max_clicks + 1))
-        click_sets.append([location[i]] + ranked_error_clicks(first[i], b.label.numpy(), card.num_classes, k, rng))
+        click_sets[i] += ranked_error_clicks(predictions[i], target, card.num_classes, k, rng)
     guidance = torch.stack([guidance_maps(cs, shape, card.num_classes, card.guidance_sigma) for cs in click_sets])
     model.train()
     logits = model(torch.cat([images, guidance], dim=1))
@@ -137,12 +153,18 @@ def train_step(
 
 
 def pretrain(
-    card: ModelCard, samples: list[Sample], out: str | Path, config: PretrainConfig, resume: bool = True
+    card: ModelCard,
+    samples: list[Sample],
+    out: str | Path,
+    config: PretrainConfig,
+    resume: bool = True,
+    init: ClickSegmenter | None = None,
 ) -> ModelCard:
     """Train a new model for ``card`` on ``samples`` and save weights + card to ``out``.
 
     A checkpoint ``<out>.ckpt`` is written every ``config.checkpoint_every`` steps and, with
-    ``resume``, training continues from it. Returns the saved card (with sha256).
+    ``resume``, training continues from it. ``init`` starts from a trained model's weights
+    (fine-tuning) instead of a random initialisation. Returns the saved card (with sha256).
     """
     if not samples:
         raise DatasetError("no training samples (no image has foreground?)")
@@ -150,6 +172,8 @@ def pretrain(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = ClickSegmenter(card)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     items = to_working(model, samples)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
@@ -188,7 +212,7 @@ def pretrain(
     training = {
         **card.training,
         "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "crop": config.crop,
-        "max_clicks": config.max_clicks, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
+        "max_clicks": config.max_clicks, "iterative": config.iterative, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
         "samples": len(samples), "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "wall_s_last_run": round(time.time() - started, 1),
     }
@@ -213,6 +237,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
     parser.add_argument("--crop", type=int, default=PretrainConfig.crop, help="training crop side in working pixels (0: whole image)")
     parser.add_argument("--synthetic-n", type=int, default=400, help="number of synthetic source images")
+    parser.add_argument("--iterative", type=int, default=0,
+                        help="up to N extra rounds of simulated correction clicks before the training clicks (0: Algorithm 2 as published)")
+    parser.add_argument("--init", help="start from this model's weights (name or path) instead of a random initialisation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
@@ -246,8 +273,13 @@ def _run(args: argparse.Namespace) -> int:
                       "command": _command(args)},
         )
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            crop=args.crop or None, seed=args.seed)
-    saved = pretrain(card, samples, args.out, config, resume=not args.no_resume)
+                            crop=args.crop or None, seed=args.seed, iterative=args.iterative)
+    init = None
+    if args.init:
+        init = load_model(args.init)
+        card.network = dict(init.card.network)
+        card.training["init"] = {"model": init.card.name, "sha256": init.card.sha256, "training": init.card.training}
+    saved = pretrain(card, samples, args.out, config, resume=not args.no_resume, init=init)
     print(f"saved {args.out} (sha256 {saved.sha256[:12]}...) and its card {Path(args.out).with_suffix('.json')}")
     return 0
 
