@@ -221,14 +221,16 @@ def test_dice_helper_and_evaluation_on_a_perfect_oracle() -> None:
 # ----------------------------------------------------------------------------- shipped model
 
 
-def test_shipped_card_matches_weights() -> None:
-    card = json.loads((P.MODELS_DIR / f"{SHIPPED}.json").read_text())
+@pytest.mark.parametrize(("name", "size"), [(SHIPPED, 32), ("proposals-fundus", 64)])
+def test_shipped_card_matches_weights(name: str, size: int) -> None:
+    card = json.loads((P.MODELS_DIR / f"{name}.json").read_text())
     weights = P.MODELS_DIR / card["weights"]
     assert card["sha256"] == P.sha256_of(weights)
     assert weights.stat().st_size < 3 * 1024 * 1024
     for key in ("name", "task", "input_size", "training_command", "seed", "metrics"):
         assert key in card
-    assert card["input_size"] == [32, 32]
+    assert card["name"] == name and card["input_size"] == [size, size]
+    assert P.load_proposal_model(name).config.input_size == size
 
 
 def test_load_errors(tmp_path: Path) -> None:
