@@ -441,11 +441,13 @@ def propose_next_steps(
 # --------------------------------------------------------------------------------------------
 
 
-def sample_batch(images: ImageSet, batch: int, rng: np.random.Generator, augment: bool) -> dict[str, torch.Tensor]:
+def sample_batch(
+    images: ImageSet, batch: int, rng: np.random.Generator, augment: bool, growth: str = "random"
+) -> dict[str, torch.Tensor]:
     """A training batch: ``x (B, 3, S, S)`` = image, ``x_m``, ``x_s``; ``y (B, 2, S, S)`` = ``y_m``, ``y_s``.
 
     ``augment`` (real data only: the paper's disks need none) flips images at random and
-    jitters their contrast with a random gamma in [0.7, 1.4].
+    jitters their contrast with a random gamma in [0.7, 1.4]. ``growth``: see :func:`make_pairs`.
     """
     indices = rng.integers(0, images.images.shape[0], size=batch)
     image = images.images[indices].copy()
@@ -455,7 +457,7 @@ def sample_batch(images: ImageSet, batch: int, rng: np.random.Generator, augment
         image[flip_rows], gt[flip_rows] = image[flip_rows, ::-1], gt[flip_rows, ::-1]
         image[flip_cols], gt[flip_cols] = image[flip_cols, :, ::-1], gt[flip_cols, :, ::-1]
         image = image ** rng.uniform(0.7, 1.4, size=(batch, 1, 1))
-    pairs = make_pairs(gt, rng)
+    pairs = make_pairs(gt, rng, growth)
     x = np.stack([image, pairs["x_m"], pairs["x_s"]], axis=1).astype(np.float32)
     y = np.stack([pairs["y_m"], pairs["y_s"]], axis=1).astype(np.float32)
     return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
@@ -487,6 +489,7 @@ def train(
     lr: float = 1e-3,
     augment: bool = False,
     config: ProposalConfig = ProposalConfig(),
+    growth: str = "random",
     log_every: int = 250,
 ) -> tuple[ProposalModel, list[dict[str, float]]]:
     """Train the CVAE with Adam on Eq. 3 (beta0 = 1, beta1 = 1e-3).
@@ -504,7 +507,7 @@ def train(
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
-        data = sample_batch(images, batch, rng, augment)
+        data = sample_batch(images, batch, rng, augment, growth)
         x, y = data["x"], data["y"]
         logits, mu, logvar = model(x, y)
         pred_m, pred_s = compose(logits, x[:, 1:2], x[:, 2:3])
@@ -539,7 +542,9 @@ def _dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
 
 
-def evaluate(model: ProposalModel, images: ImageSet, n: int, k: int, seed: int, chunk: int = 100) -> dict[str, Any]:
+def evaluate(
+    model: ProposalModel, images: ImageSet, n: int, k: int, seed: int, chunk: int = 100, growth: str = "random"
+) -> dict[str, Any]:
     """The paper's evaluation, plus stricter views of the same proposals.
 
     ``n`` inputs (image ``i % N``, a random ground truth, a random input partial
@@ -561,18 +566,20 @@ def evaluate(model: ProposalModel, images: ImageSet, n: int, k: int, seed: int, 
     ``target_added_foreground`` / ``target_added_background`` (what the training pairs add),
     and with ``z`` = the encoder's posterior mean ``mu(x, y)``: ``posterior_recall`` (share of
     the target's new pixels decided) and ``posterior_spill`` (share of the other undecided
-    pixels decided). Equal values mean the decoder ignores where the target grows.
+    pixels decided). Equal values mean the decoder ignores where the target grows. The
+    targets follow ``growth`` (:func:`make_pairs`); the inputs do not depend on it, so models
+    trained either way are scored on the same inputs.
     """
-    rng = np.random.default_rng([seed, 3])
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, list[float]] = {
         key: [] for key in ("fg", "bg", "any", "consistent", "true", "target_fg", "target_bg", "recall", "spill")
     }
     empty = distinct = 0
     for begin in range(0, n, chunk):
+        rng = np.random.default_rng([seed, 3, begin])  # per chunk: the inputs stay the same for any growth
         indices = np.arange(begin, min(begin + chunk, n)) % images.images.shape[0]
         gt = images.sample_ground_truths(indices, rng)
-        pairs = make_pairs(gt, rng)
+        pairs = make_pairs(gt, rng, growth)
         x = torch.from_numpy(np.stack([images.images[indices], pairs["x_m"], pairs["x_s"]], axis=1).astype(np.float32))
         _, m, s = sample_proposals(model, x, k, generator)
         m, s = m.numpy(), s.numpy()
@@ -682,10 +689,11 @@ def _train_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     images = load_images(args.data, "Tr", size, args.train_images, args.seed)
     started = time.time()
-    model, log = train(images, args.steps, args.seed, args.batch_size, args.lr, augment=not synthetic, config=ProposalConfig(input_size=size))
+    config = ProposalConfig(input_size=size)
+    model, log = train(images, args.steps, args.seed, args.batch_size, args.lr, not synthetic, config, args.growth)
     command = (
         f"python -m OAIMSSegment proposals-train --out {args.out} --data {args.data} --steps {args.steps}"
-        f" --seed {args.seed} --batch-size {args.batch_size} --lr {args.lr} --size {size}"
+        f" --seed {args.seed} --batch-size {args.batch_size} --lr {args.lr} --size {size} --growth {args.growth}"
         + (f" --train-images {args.train_images}" if synthetic else "")
     )
     card = {
@@ -697,6 +705,7 @@ def _train_command(args: argparse.Namespace) -> int:
         "output": "partialness mask y^_m >= x_m, segmentation mask y^_s (= x_s on x_m, inside y^_m)",
         "training_command": command,
         "seed": args.seed,
+        "growth": args.growth,
         "steps": args.steps,
         "train_images": int(images.images.shape[0]),
         "train_seconds": round(time.time() - started, 1),
@@ -718,7 +727,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     size = model.config.input_size
     images = load_images(args.data, "Ts", size, args.n, args.seed)
     started = time.time()
-    metrics = evaluate(model, images, args.n, args.k, args.seed)
+    metrics = evaluate(model, images, args.n, args.k, args.seed, growth=model.card.get("growth", "random"))
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["command"] = (
         f"python -m OAIMSSegment proposals-eval --model {args.model} --data {args.data} --n {args.n} --k {args.k} --seed {args.seed}"
@@ -750,6 +759,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--lr", type=float, default=1e-3)
     train_parser.add_argument("--size", type=int, default=0, help="model input side (default 32 synthetic, 64 dataset)")
     train_parser.add_argument("--train-images", type=int, default=1000, help="synthetic training images (paper: 1,000)")
+    train_parser.add_argument(
+        "--growth", choices=("random", "border"), default="random", help="target growth: 'random' (paper) or at the border of x_m"
+    )
     train_parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     train_parser.set_defaults(func=_train_command)
 

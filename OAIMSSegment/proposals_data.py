@@ -156,15 +156,31 @@ def random_shapes(n: int, size: int, fraction: tuple[float, float], rng: np.rand
     return shapes
 
 
-def make_pairs(ground_truths: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def make_pairs(ground_truths: np.ndarray, rng: np.random.Generator, growth: str = "random") -> dict[str, np.ndarray]:
     """Input / target partial segmentations for ground truths ``(B, H, W)`` bool.
+
+    Args:
+        growth: ``"random"`` (the paper: ``B`` anywhere) or ``"border"`` (``B`` restricted to a
+            band of 2-5 px around ``x_m``, so that the target grows from what is decided, as a
+            user would; where that leaves nothing, e.g. ``x_m`` empty, ``B`` stays unrestricted).
+            The inputs ``x_m, x_s`` are drawn identically in both modes.
 
     Returns bool arrays ``x_m, x_s, y_m, y_s``, each ``(B, H, W)``, with
     ``x_m <= y_m``, ``x_s = gt & x_m`` and ``y_s = gt & y_m``.
     """
+    if growth not in ("random", "border"):
+        raise ValueError(f"growth must be 'random' or 'border', got {growth!r}")
     b, size = ground_truths.shape[0], ground_truths.shape[-1]
     x_m = random_shapes(b, size, INPUT_FRACTION, rng)
-    y_m = x_m | random_shapes(b, size, GROWTH_FRACTION, rng)
+    grow = random_shapes(b, size, GROWTH_FRACTION, rng)
+    if growth == "border":
+        wide = random_shapes(b, size, (0.3, 0.8), rng)
+        for i in range(b):
+            width = int(round(rng.uniform(2.0, 5.0) * size / 32.0))
+            band = ndimage.binary_dilation(x_m[i], iterations=width) & ~x_m[i] & wide[i]
+            if band.any():
+                grow[i] = band
+    y_m = x_m | grow
     return {"x_m": x_m, "x_s": ground_truths & x_m, "y_m": y_m, "y_s": ground_truths & y_m}
 
 

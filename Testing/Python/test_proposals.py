@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from OAIMSSegment import proposals as P
 from OAIMSSegment import proposals_data as D
@@ -193,6 +194,20 @@ def test_partial_pairs_are_nested_and_consistent() -> None:
     assert not np.any(pairs["x_m"] & ~pairs["y_m"])
     assert np.all((pairs["y_m"] & ~pairs["x_m"]).reshape(64, -1).any(axis=1))  # every target grows
     assert not np.any(pairs["x_s"] & ~gt)
+
+
+def test_border_growth_grows_from_the_input() -> None:
+    images = D.make_disk_images(64, 32, np.random.default_rng(0))
+    gt = images.sample_ground_truths(np.arange(64), np.random.default_rng(1))
+    paper, border = D.make_pairs(gt, np.random.default_rng(2)), D.make_pairs(gt, np.random.default_rng(2), "border")
+    assert np.array_equal(paper["x_m"], border["x_m"]) and np.array_equal(paper["x_s"], border["x_s"])
+    assert not np.any(border["x_m"] & ~border["y_m"]) and np.array_equal(border["y_s"], gt & border["y_m"])
+    for i in np.flatnonzero(border["x_m"].reshape(64, -1).any(axis=1)):
+        new = border["y_m"][i] & ~border["x_m"][i]
+        near = ndimage.binary_dilation(border["x_m"][i], iterations=5)
+        assert new.any() and (not np.any(new & ~near) or np.array_equal(new, paper["y_m"][i] & ~paper["x_m"][i]))
+    with pytest.raises(ValueError):
+        D.make_pairs(gt, np.random.default_rng(2), "nowhere")
 
 
 def test_synthetic_data_is_seeded() -> None:
