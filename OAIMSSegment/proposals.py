@@ -425,7 +425,11 @@ def propose_next_steps(
     )
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     logits, _, _ = sample_proposals(model.eval(), x, k, generator)
-    logits = F.interpolate(logits[0], size=image.shape, mode="bilinear", align_corners=False)
+    # The raw logits on decided model-grid pixels are never trained (compose overrides them);
+    # pin them to the input's decision so that resizing back does not leak them next to strokes.
+    pinned = torch.cat([torch.ones_like(x[:, 2:3]), 2.0 * x[:, 2:3] - 1.0], dim=1) * 10.0
+    logits = torch.where(x[:, 1:2] > 0.5, pinned, logits[0])
+    logits = F.interpolate(logits, size=image.shape, mode="bilinear", align_corners=False)
     full = torch.from_numpy(known)[None, None].float().expand(k, 1, *image.shape)
     m, s = binarise(logits, full, torch.from_numpy(seg)[None, None].float().expand_as(full))
     proposals = []
