@@ -682,10 +682,19 @@ def proposal_figure(model: ProposalModel, images: ImageSet, path: Path, seed: in
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse then reports bad values as ``error: ...``, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train_command(args: argparse.Namespace) -> int:
     """``proposals-train``: train, then write MODEL.pt and its card MODEL.json."""
-    if args.steps < 1 or args.batch_size < 1:
-        raise ModelError("--steps and --batch-size must be at least 1")
     synthetic = args.data == "synthetic"
     size = args.size or (32 if synthetic else 64)
     if size % 8:
@@ -724,8 +733,6 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def _eval_command(args: argparse.Namespace) -> int:
     """``proposals-eval``: the paper's metrics on held-out inputs; optional JSON, figure and card update."""
-    if args.n < 1 or args.k < 1:
-        raise ModelError("--n and --k must be at least 1")
     torch.set_num_threads(args.threads)
     model = load_proposal_model(args.model)
     size = model.config.input_size
@@ -757,26 +764,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train_parser = subparsers.add_parser("proposals-train", help="train the probabilistic partial-segmentation model")
     train_parser.add_argument("--out", required=True, help="weights file MODEL.pt (its card goes to MODEL.json)")
     train_parser.add_argument("--data", default="synthetic", help="'synthetic' (paper's disks) or a 2D nnU-Net dataset folder")
-    train_parser.add_argument("--steps", type=int, default=6000)
+    train_parser.add_argument("--steps", type=_positive_int, default=3000)
     train_parser.add_argument("--seed", type=int, default=0)
-    train_parser.add_argument("--batch-size", type=int, default=64)
+    train_parser.add_argument("--batch-size", type=_positive_int, default=64)
     train_parser.add_argument("--lr", type=float, default=1e-3)
     train_parser.add_argument("--size", type=int, default=0, help="model input side (default 32 synthetic, 64 dataset)")
-    train_parser.add_argument("--train-images", type=int, default=1000, help="synthetic training images (paper: 1,000)")
+    train_parser.add_argument("--train-images", type=_positive_int, default=1000, help="synthetic training images (paper: 1,000)")
     train_parser.add_argument(
         "--growth", choices=("random", "border"), default="random", help="target growth: 'random' (paper) or at the border of x_m"
     )
-    train_parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    train_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     train_parser.set_defaults(func=_train_command)
 
     eval_parser = subparsers.add_parser("proposals-eval", help="evaluate proposals on held-out inputs (paper Section 3)")
     eval_parser.add_argument("--model", default="proposals-synthetic-disks", help="shipped model name or MODEL.pt")
     eval_parser.add_argument("--data", default="synthetic", help="'synthetic' or a 2D nnU-Net dataset folder (its imagesTs)")
-    eval_parser.add_argument("--n", type=int, default=1000, help="held-out inputs (paper: 1,000)")
-    eval_parser.add_argument("--k", type=int, default=3, help="proposals per input")
+    eval_parser.add_argument("--n", type=_positive_int, default=1000, help="held-out inputs (paper: 1,000)")
+    eval_parser.add_argument("--k", type=_positive_int, default=3, help="proposals per input")
     eval_parser.add_argument("--seed", type=int, default=0)
     eval_parser.add_argument("--json", help="write the metrics to OUT.json")
     eval_parser.add_argument("--figure", help="write a Figure-3-like PNG")
     eval_parser.add_argument("--update-card", action="store_true", help="record the metrics in the model card")
-    eval_parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    eval_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     eval_parser.set_defaults(func=_eval_command)

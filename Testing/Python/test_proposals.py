@@ -298,7 +298,10 @@ def test_cli_bad_input_raises_engine_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError):
         run_cli(["proposals-eval", "--model", "no-such-model"])
     with pytest.raises(OAIMSError):
+        run_cli(["proposals-train", "--out", str(tmp_path / "m.pt"), "--steps", "1", "--size", "20"])
+    with pytest.raises(SystemExit) as exit_info:  # argparse: "error: argument --steps: ...", exit 2
         run_cli(["proposals-train", "--out", str(tmp_path / "m.pt"), "--steps", "0"])
+    assert exit_info.value.code == 2
 
 
 # ----------------------------------------------------------------------------- real data
