@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "OAIMSSegment.pretrain",
     "OAIMSSegment.evaluate",
     "OAIMSSegment.bench",
+    "OAIMSSegment.proposals",
 )
 
 

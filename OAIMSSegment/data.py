@@ -153,9 +153,9 @@ def synthetic_sample(rng: np.random.Generator, domain: str = "source", size: int
     """A synthetic image with three blobs, one of which is the target (in the spirit of the
     synthetic disks of Wong et al.), in a ``"source"`` or a shifted ``"target"`` appearance.
 
-    Source: blobs brighter than a dark, smooth background. Target (the "new site"): the
-    contrast is inverted (blobs darker than a brighter, textured background with a bias
-    field), as when a model trained on FLAIR meets T1.
+    Source: blobs of random brightness on a dark background, little noise. Target (the "new
+    site"): the same kind of scene from a noisier scanner with an intensity bias field, so
+    blob edges and the contrast between touching blobs are much harder to read.
 
     Returns:
         :class:`Sample` with image ``(1, size, size)`` and label ``(size, size)`` in {0, 1}.
@@ -183,9 +183,8 @@ def synthetic_sample(rng: np.random.Generator, domain: str = "source", size: int
         image[blob] = value
     image[label] = intensities[0]
     if domain == "target":
-        bias = 1.0 + 0.3 * np.sin(rows / size * np.pi * rng.uniform(0.5, 2)) * np.cos(cols / size * np.pi)
-        image = (1.2 - image) * bias
-        image += 0.15 * rng.standard_normal((size, size)).astype(np.float32)
+        bias = 1.0 + 0.2 * np.sin(rows / size * np.pi * rng.uniform(0.5, 2)) * np.cos(cols / size * np.pi)
+        image = image * bias + 0.35 * rng.standard_normal((size, size)).astype(np.float32)
     else:
         image += 0.05 * rng.standard_normal((size, size)).astype(np.float32)
     return Sample(image[None].astype(np.float32), label.astype(np.int64), f"synthetic-{domain}")

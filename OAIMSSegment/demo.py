@@ -1,9 +1,10 @@
 """``python -m OAIMSSegment demo``: online adaptation on a shifted synthetic site, in about a minute.
 
 The shipped demo model was pretrained (``scripts/train_models.sh demo``) on the synthetic
-*source* appearance: bright blobs on a dark background. The demo segments a sequence of
-*target*-site images, where the contrast is inverted and noise and a bias field are added,
-with the frozen model, PI and PI+MI, and prints Dice after each click.
+*source* appearance: blobs on a dark background with little noise. The demo segments a
+sequence of *target*-site images (a much noisier scanner with a bias field,
+:func:`OAIMSSegment.data.synthetic_sample`) with the frozen model, PI and PI+MI, and
+prints Dice after each click.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ DEMO_MODEL = "demo-synthetic-blobs"
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="frozen vs PI vs PI+MI on a shifted synthetic site (about a minute)")
     parser.add_argument("--out", default="oaims-demo", help="folder for demo.json and demo.png")
-    parser.add_argument("--images", type=int, default=16, help="target-site images in the sequence")
+    parser.add_argument("--images", type=int, default=24, help="target-site images in the sequence")
     parser.add_argument("--clicks", type=int, default=5, help="clicks per image")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_run)

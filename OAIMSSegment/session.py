@@ -78,7 +78,7 @@ class AdaptConfig:
         tsca_momentum, tsca_consistency: TSCA teacher EMA momentum and student-teacher weight.
     """
 
-    lr: float = 1e-4
+    lr: float = 3e-5
     beta: float = 200.0
     sigma: float = 3.0
     alpha: float = 0.7

@@ -27,9 +27,9 @@ def main(card_path: str, results_path: str, method: str = "frozen") -> None:
         },
         "noc": result["noc"],
     }
-    card.metrics[Path(results_path).stem] = entry
+    card.metrics[f"{Path(results_path).stem}:{method}"] = entry
     card.to_json(card_path)
-    print(f"{card_path}: metrics[{Path(results_path).stem!r}] = {entry['dice_at_clicks']}")
+    print(f"{card_path}: metrics[{Path(results_path).stem}:{method}] = {entry['dice_at_clicks']}")
 
 
 if __name__ == "__main__":

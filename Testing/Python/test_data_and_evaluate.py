@@ -48,7 +48,8 @@ def test_synthetic_domains_are_seeded_and_shifted():
     assert np.array_equal(a[0].label, t[0].label)  # same geometry, other appearance
     inside = a[0].label.astype(bool)
     assert a[0].image[0][inside].mean() > a[0].image[0][~inside].mean()
-    assert t[0].image[0][inside].mean() < t[0].image[0][~inside].mean()
+    background = ~(a[0].image[0] > 0.3)  # the new site's scanner is much noisier
+    assert t[0].image[0][background].std() > 3 * a[0].image[0][background].std()
 
 
 @pytest.fixture
