@@ -29,6 +29,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="oaims-demo", help="folder for demo.json and demo.png")
     parser.add_argument("--images", type=int, default=24, help="target-site images in the sequence")
     parser.add_argument("--clicks", type=int, default=5, help="clicks per image")
+    parser.add_argument("--site", choices=["target", "source"], default="target",
+                        help="segment the shifted target site (default) or the source appearance (no-shift control)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_run)
 
@@ -36,16 +38,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     started = time.time()
     model = load_model(DEMO_MODEL)
-    samples = synthetic_samples(args.images, "target", seed=1000 + args.seed)
+    samples = synthetic_samples(args.images, args.site, seed=1000 + args.seed)
+    what = "a shifted target site" if args.site == "target" else "the source appearance (no shift)"
     print(f"{model.card.name}: pretrained on the synthetic source appearance; "
-          f"segmenting {len(samples)} images of a shifted target site, {args.clicks} simulated clicks each")
+          f"segmenting {len(samples)} images of {what}, {args.clicks} simulated clicks each")
     summary = evaluate(model, samples, ["frozen", "pi", "pi+mi"], Protocol(clicks=args.clicks), [args.seed], AdaptConfig())
-    summary.update({"n_images": len(samples), "dataset": "synthetic target site", "model": model.card.name,
+    summary.update({"n_images": len(samples), "dataset": f"synthetic {args.site} site", "model": model.card.name,
                     "seed": args.seed, "threads": torch.get_num_threads()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_curves(summary, out / "demo.png", "Demo: synthetic source -> shifted target site")
+    plot_curves(summary, out / "demo.png", f"Demo: model from the synthetic source, images from the {args.site} site")
     print_table(summary, at=range(1, args.clicks + 1))
     print(f"wrote {out / 'demo.json'} and {out / 'demo.png'} in {time.time() - started:.0f} s")
     return 0
