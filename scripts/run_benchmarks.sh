@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-data benchmark runs behind docs/BENCHMARKS.md. Run from the repository root:
-#   bash scripts/run_benchmarks.sh [brain|brain-extra|fundus|sweep]...
+#   bash scripts/run_benchmarks.sh [brain|brain-extra-a|brain-extra-b|fundus|sweep]...
 # Results: results/<name>.json and docs/figures/<name>.png; tables: python scripts/tables.py.
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -9,6 +9,7 @@ THREADS=${THREADS:-1}
 mkdir -p results docs/figures
 BASELINES=frozen,ia+sa,tsca,ce-pi,ent-pi,pi,pi+mi
 BRAIN=(--model brain-lesion-flair --min-foreground 50 --max-images 30 --threads "$THREADS")
+BRAIN_EXTRA=(--model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1")
 FUNDUS=(--model fundus-disc-cup --max-images 30 --threads "$THREADS")
 ev() { local name=$1; shift; $PY -m OAIMSSegment evaluate "$@" --json "results/$name.json" --plot "docs/figures/$name.png"; }
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(brain fundus)
@@ -21,14 +22,15 @@ for part in "${parts[@]}"; do
     brain)
       ev brain-t1 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods "$BASELINES" --clicks 10 --seeds 3
       ev brain-flair-control "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
-    brain-extra)
-      ev brain-t1-T3 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi,pi+mi --clicks 3 --seeds 3
-      ev brain-t1-T5 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi,pi+mi --clicks 5 --seeds 3
-      ev brain-t1-noc "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,tsca,pi+mi --clicks 20 --seeds 3
-      ev brain-t1-wrong40 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi --clicks 10 --seeds 3 --wrong-fraction 0.4
-      ev brain-t1-first4wrong "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi --clicks 10 --seeds 3 --first-wrong 4
-      ev brain-t1-worstfirst "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi --clicks 10 --seeds 3 --order worst-first
-      ev brain-t1-ablation "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods mi,pi,pi+mi,pi+mi/no-class,pi+mi/uniform,pi+mi/sigma0,ce-mi+pi,ent-mi+pi --clicks 10 --seeds 3 ;;
+    brain-extra-a)  # Table 4 (T = 3, 5) and Table 11 (wrong clicks); 20 slices
+      ev brain-t1-T3 "${BRAIN_EXTRA[@]}" --methods frozen,pi,pi+mi --clicks 3 --seeds 3
+      ev brain-t1-T5 "${BRAIN_EXTRA[@]}" --methods frozen,pi,pi+mi --clicks 5 --seeds 3
+      ev brain-t1-wrong40 "${BRAIN_EXTRA[@]}" --methods frozen,pi+mi --clicks 10 --seeds 3 --wrong-fraction 0.4
+      ev brain-t1-first4wrong "${BRAIN_EXTRA[@]}" --methods frozen,pi+mi --clicks 10 --seeds 3 --first-wrong 4 ;;
+    brain-extra-b)  # Tables 5/7 (CCG and MI/PI ablations), Table 10 (worst first), Table 14 (NoC@80, 20 clicks)
+      ev brain-t1-ablation "${BRAIN_EXTRA[@]}" --methods mi,pi+mi,pi+mi/no-class,pi+mi/uniform,pi+mi/sigma0 --clicks 10 --seeds 3
+      ev brain-t1-worstfirst "${BRAIN_EXTRA[@]}" --methods frozen,pi+mi --clicks 10 --seeds 3 --order worst-first
+      ev brain-t1-noc "${BRAIN_EXTRA[@]}" --methods frozen,pi+mi --clicks 20 --seeds 3 ;;
     fundus)
       ev fundus-origa "${FUNDUS[@]}" --dataset "$DATA/Dataset004_ORIGA" --methods "$BASELINES" --clicks 10 --seeds 3
       ev fundus-drishti-control "${FUNDUS[@]}" --dataset "$DATA/Dataset003_DrishtiGS" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
