@@ -55,11 +55,16 @@ class PretrainConfig:
 
 
 def to_working(model: ClickSegmenter, samples: list[Sample]) -> list[TrainItem]:
-    """Apply the model card's preprocessing to every sample (as the session does at inference)."""
+    """Apply the model card's preprocessing to every sample (as the session does at inference).
+
+    Samples whose foreground vanishes at the working resolution (a few pixels of tumour
+    down-scaled) are dropped: they cannot take a localization click."""
     items = []
     for sample in samples:
         prepared = model.prepare(sample.image)
-        items.append(TrainItem(prepared.tensor[0], prepared.mask_to_working(sample.label)))
+        label = prepared.mask_to_working(sample.label)
+        if bool((label > 0).any()):
+            items.append(TrainItem(prepared.tensor[0], label))
     return items
 
 
