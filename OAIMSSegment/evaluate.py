@@ -237,7 +237,7 @@ def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None 
     plt.close(figure)
 
 
-def select_samples(samples: list[Sample], max_images: int | None, seed: int) -> list[Sample]:
+def select_samples(samples: list[Sample], max_images: int | None) -> list[Sample]:
     """At most ``max_images`` samples, picked evenly across the dataset (deterministic)."""
     if max_images is None or len(samples) <= max_images:
         return samples
@@ -289,7 +289,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if set(dataset.labels) != set(model.card.labels):
         raise DatasetError(f"dataset labels {dataset.labels} differ from the model's {model.card.labels}")
     samples = select_samples(
-        list(dataset.samples(args.split, axis=args.axis, min_foreground=args.min_foreground)), args.max_images, args.seed
+        list(dataset.samples(args.split, axis=args.axis, min_foreground=args.min_foreground)), args.max_images
     )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     protocol = Protocol(args.clicks, args.wrong_fraction, args.first_wrong, args.order)
