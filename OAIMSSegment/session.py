@@ -214,7 +214,7 @@ class InteractiveSession:
         if self.active:
             self.discard()
         self.prepared = prepared
-        self._image_start = self._snapshot()
+        self._image_start = self.state_dict()
 
     def add_click(self, position: tuple[float, ...], label: int) -> ClickResult:
         """Add a click (``position`` an array index ``(row, col)`` in original pixels; ``label``
@@ -227,7 +227,7 @@ class InteractiveSession:
         started = time.perf_counter()
         click = self.model.working_click(prepared, Click(tuple(position), int(label)))
         original = Click(tuple(int(round(float(v))) for v in position), int(label))
-        snapshot = self._snapshot() if self.mi_enabled and self._wclicks else None
+        snapshot = self.state_dict() if self.mi_enabled and self._wclicks else None
         self._wclicks.append(click)
         loss, adapt_ms = None, 0.0
         if snapshot is not None:
@@ -254,13 +254,13 @@ class InteractiveSession:
         self._results.pop()
         snapshot = self._snapshots.pop()
         if snapshot is not None:
-            self._restore(snapshot)
+            self.load_state_dict(snapshot)
         return self.mask
 
     def discard(self) -> None:
         """Drop the image and revert every update made while segmenting it."""
         if self.active and self._image_start is not None:
-            self._restore(self._image_start)
+            self.load_state_dict(self._image_start)
         self._clear_image()
 
     def accept(self, mask: np.ndarray | None = None) -> AcceptResult:
@@ -365,12 +365,6 @@ class InteractiveSession:
         latency = (time.perf_counter() - started) * 1000.0
         return ClickResult(mask, probs.numpy().astype(np.float32), click, latency, adapt_ms, loss)
 
-    def _snapshot(self) -> dict:
-        return self.state_dict()
-
-    def _restore(self, snapshot: dict) -> None:
-        self.load_state_dict(snapshot)
-
     # -- internals: losses and steps --------------------------------------------------------------
 
     def _oaims_loss(self, logits: torch.Tensor, target: torch.Tensor, clicks: list[Click]) -> torch.Tensor:
@@ -409,7 +403,7 @@ class InteractiveSession:
         try:
             value = self._step(strategy[self._base](click))
         except FloatingPointError:
-            self._restore(snapshot)
+            self.load_state_dict(snapshot)
             return None
         if self.teacher is not None:
             self._update_teacher()
@@ -422,14 +416,20 @@ class InteractiveSession:
         previous = self._train_logits(self._wclicks[:-1])
         return self._oaims_loss(previous, pseudo_label, [click])
 
+    def _clicked_pixels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows, columns and labels of the image's clicks in working pixels, each ``(N,)``."""
+        return (
+            torch.tensor([c.position[0] for c in self._wclicks]),
+            torch.tensor([c.position[1] for c in self._wclicks]),
+            torch.tensor([c.label for c in self._wclicks]),
+        )
+
     def _mi_loss_ia_sa(self, click: Click) -> torch.Tensor:
         """IA+SA-style: sparse cross-entropy on the clicked pixels, regularised towards the
         image's first prediction and towards the initial weights (Kontogianni et al.)."""
         cfg = self.config
         logits = self._train_logits(self._wclicks)
-        rows = torch.tensor([c.position[0] for c in self._wclicks])
-        cols = torch.tensor([c.position[1] for c in self._wclicks])
-        labels = torch.tensor([c.label for c in self._wclicks])
+        rows, cols, labels = self._clicked_pixels()
         target = self._working_labels[0].clone()
         target[rows, cols] = labels
         click_ce = pixel_cross_entropy(logits, target[None])[0]
@@ -445,9 +445,7 @@ class InteractiveSession:
         logits = self._train_logits(self._wclicks)
         with torch.no_grad():
             teacher_labels = hard_labels(self._predict(self._wclicks))[0]
-        rows = torch.tensor([c.position[0] for c in self._wclicks])
-        cols = torch.tensor([c.position[1] for c in self._wclicks])
-        labels = torch.tensor([c.label for c in self._wclicks])
+        rows, cols, labels = self._clicked_pixels()
         clicked = logits[0, :, rows, cols].T[..., None]  # (N, L, 1): the clicked pixels as a batch
         focal = FocalLoss(use_softmax=not self.card.binary, to_onehot_y=not self.card.binary)
         sparse = focal(clicked, labels.view(-1, 1, 1).float() if self.card.binary else labels.view(-1, 1, 1))
@@ -474,7 +472,7 @@ class InteractiveSession:
 
     def _post_interaction(self, final: torch.Tensor, started: float, n_clicks: int) -> AcceptResult:
         """Algorithm 1, lines 22-32, with a guard that undoes a harmful update."""
-        before = self._snapshot()
+        before = self.state_dict()
         with torch.no_grad():
             dice_before = mean_foreground_dice(hard_labels(self._predict(self._wclicks))[0], final, self.card.num_classes)
         losses: dict[str, float] = {}
@@ -493,14 +491,14 @@ class InteractiveSession:
                 kind = "ce" if self._base.startswith("ce") else "ent"
                 losses[kind] = self._step(self._self_training_loss(kind, self._wclicks))
         except FloatingPointError as error:
-            self._restore(before)
+            self.load_state_dict(before)
             return AcceptResult(False, f"update rejected: {error}", (time.perf_counter() - started) * 1000.0,
                                 losses, n_clicks, dice_before)
         with torch.no_grad():
             dice_after = mean_foreground_dice(hard_labels(self._predict(self._wclicks))[0], final, self.card.num_classes)
         finite = all(torch.isfinite(p).all() for p in self.model.parameters())
         if not finite or dice_after < dice_before - self.config.max_dice_drop:
-            self._restore(before)
+            self.load_state_dict(before)
             reason = "non-finite weights" if not finite else (
                 f"update rejected: Dice on the accepted image fell from {dice_before:.3f} to {dice_after:.3f}"
             )
