@@ -178,12 +178,11 @@ def evaluate(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise OAIMSError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    # One order per seed, shared by every method (worst-first costs a frozen pass).
+    orders = {seed: order_samples(samples, model, protocol, seed) for seed in seeds}
     results: dict[str, dict] = {}
     for method in methods:
-        per_seed = []
-        for seed in seeds:
-            ordered = order_samples(samples, model, protocol, seed)
-            per_seed.append(run_method(model, method, ordered, protocol, config, seed))
+        per_seed = [run_method(model, method, orders[seed], protocol, config, seed) for seed in seeds]
         curves = np.array([np.mean(run.dice, axis=0) for run in per_seed])  # seeds x clicks
         all_curves = np.concatenate([np.array(run.dice) for run in per_seed])
         names = list(per_seed[0].dice_per_class)
