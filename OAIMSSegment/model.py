@@ -143,10 +143,19 @@ class PreparedImage:
         return row, col
 
     def mask_to_working(self, mask: np.ndarray) -> torch.Tensor:
-        """Class map ``(H, W)`` -> padded working class map ``(Hp, Wp)`` (nearest neighbour, long)."""
-        tensor = torch.as_tensor(np.asarray(mask, dtype=np.int64))[None, None].float()
+        """Class map ``(H, W)`` -> padded working class map ``(Hp, Wp)`` (long).
+
+        Resampled like the image (pixel centres to pixel centres, anti-aliased when shrinking):
+        one-hot, bilinear, then the majority class per working pixel. torch's ``"nearest"``
+        mode samples at ``floor(i * H / h)`` instead, which shifts a shrunk mask by almost half
+        a working pixel against the image and caps a 240 -> 128 px mask at 0.90 Dice."""
+        labels = torch.as_tensor(np.asarray(mask, dtype=np.int64))
+        tensor = labels[None, None].float()
         if self.working_shape != self.original_shape:
-            tensor = F.interpolate(tensor, size=self.working_shape, mode="nearest")
+            one_hot = F.one_hot(labels, int(labels.max()) + 1).permute(2, 0, 1)[None].float()
+            shrink = self.working_shape[0] < self.original_shape[0]
+            resized = F.interpolate(one_hot, size=self.working_shape, mode="bilinear", align_corners=False, antialias=shrink)
+            tensor = resized.argmax(dim=1, keepdim=True).float()
         padded = self.tensor.new_zeros((1, 1, *self.tensor.shape[-2:]))
         padded[..., : self.working_shape[0], : self.working_shape[1]] = tensor
         return padded[0, 0].long()
