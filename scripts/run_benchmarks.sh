@@ -16,6 +16,7 @@ parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(brain fundus)
 for part in "${parts[@]}"; do
   case "$part" in
     sweep)  # learning-rate sweep of PI+MI on shifted brain data the tables do not use (T1 imagesTr; one seed, T = 5)
+      ev sweep/brain-t1-tr-frozen --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods frozen --clicks 5
       for lr in 1e-5 3e-5 1e-4 3e-4 1e-3; do
         ev "sweep/brain-t1-tr-lr-$lr" --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods pi+mi --clicks 5 --lr "$lr"
       done ;;

@@ -1,6 +1,9 @@
 """Markdown tables (the paper's format) from ``evaluate`` JSON files.
 
-Usage: python scripts/tables.py results/brain-t1.json [more.json ...]
+Usage: python scripts/tables.py results/brain-t1.json [more.json ...]     (print)
+       python scripts/tables.py --update docs/BENCHMARKS.md               (refresh in place)
+With ``--update``, every table block of the document that starts with ``**<name>**:`` is
+replaced by the table of ``results/<name>.json``, so the document cannot keep stale numbers.
 Cells are Dice in % after 1/3/5/10 clicks, mean +- standard deviation over seeds; for
 fundus models disc/cup; then NoC@80 / NoC@90 and MI / PI latency p50 (ms).
 """
@@ -8,6 +11,7 @@ fundus models disc/cup; then NoC@80 / NoC@90 and MI / PI latency p50 (ms).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -47,5 +51,32 @@ def table(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def update(document: Path, results_dir: Path = Path("results")) -> list[str]:
+    """Replace each ``**<name>**:`` block (header line, blank line, table) of ``document``."""
+    lines = document.read_text().splitlines(keepends=True)
+    out: list[str] = []
+    refreshed: list[str] = []
+    i = 0
+    while i < len(lines):
+        match = re.match(r"\*\*([\w.-]+)\*\*: model `", lines[i])
+        source = results_dir / f"{match.group(1)}.json" if match else None
+        if source is None or not source.is_file():
+            out.append(lines[i])
+            i += 1
+            continue
+        i += 1
+        while i < len(lines) and (not lines[i].strip() or lines[i].startswith("|")):
+            if not lines[i].strip() and i + 1 < len(lines) and not lines[i + 1].startswith("|"):
+                break
+            i += 1
+        out.append(table(source))
+        refreshed.append(source.stem)
+    document.write_text("".join(out))
+    return refreshed
+
+
 if __name__ == "__main__":
-    print("\n".join(table(Path(p)) for p in sys.argv[1:]))
+    if sys.argv[1:2] == ["--update"]:
+        print("refreshed:", ", ".join(update(Path(sys.argv[2]))))
+    else:
+        print("\n".join(table(Path(p)) for p in sys.argv[1:]))

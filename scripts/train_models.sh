@@ -4,6 +4,7 @@
 # Training uses whole images (--crop 0): crops around the target teach the model that
 # everything bright in view is target, which over-segments full slices at inference.
 # Each model's card (Resources/Models/<name>.json) records this command and its sha256.
+# One torch thread each: CPU results depend on the thread count, so this reproduces the shipped weights.
 set -euo pipefail
 PY=${PYTHON:-python}
 DATA=${OAIMS_DATA:-../shared/data}
@@ -13,13 +14,13 @@ for m in "${models[@]}"; do
     demo) $PY -m OAIMSSegment pretrain --dataset synthetic --synthetic-n 400 --out Resources/Models/demo-synthetic-blobs.pt \
             --task "Synthetic blobs (demo model; trained on the synthetic source appearance)" \
             --channels 16,32,64,128 --steps 1000 --batch-size 8 --crop 0 --seed 0 --no-resume ;;
-    brain)  # 128 px working resolution: 4x cheaper steps, so 3,000 of them fit in ~8 min on 2 cores
-      $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --working-size 128 \
-            --steps 3000 --batch-size 8 --crop 0 --seed 0 --no-resume --threads 2 --name brain-lesion-flair \
+    brain)  # 160 px working resolution, inference-style click rounds (--iterative); ~33 min on one core
+      $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --working-size 160 --iterative 2 \
+            --steps 4000 --batch-size 8 --crop 0 --seed 0 --no-resume --threads 1 --name brain-lesion-flair \
             --task "Brain tumour (whole) on axial FLAIR MRI slices" --out Resources/Models/brain-lesion-flair.pt ;;
     fundus) $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset003_DrishtiGS" --out Resources/Models/fundus-disc-cup.pt \
             --task "Optic disc rim and cup on disc-centred RGB fundus photographs" \
-            --working-size 256 --steps 1000 --batch-size 6 --crop 0 --seed 0 --no-resume ;;
+            --working-size 256 --steps 1000 --batch-size 6 --crop 0 --seed 0 --no-resume --threads 1 ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
   esac
 done
