@@ -65,9 +65,9 @@ def update(document: Path, results_dir: Path = Path("results")) -> list[str]:
             i += 1
             continue
         i += 1
-        while i < len(lines) and (not lines[i].strip() or lines[i].startswith("|")):
-            if not lines[i].strip() and i + 1 < len(lines) and not lines[i + 1].startswith("|"):
-                break
+        while i < len(lines) and not lines[i].strip():  # the blank line under the header
+            i += 1
+        while i < len(lines) and lines[i].startswith("|"):
             i += 1
         out.append(table(source))
         refreshed.append(source.stem)
