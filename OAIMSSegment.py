@@ -255,13 +255,16 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def setModel(self, nameOrPath: str):
         """Load a shipped model by name (or a model card / weights path) and open the site's version of it.
 
-        An image still open is discarded. Returns the model card.
+        An image still open is discarded. The adaptation learning rate goes back to the new
+        model card's (a learning rate belongs to a model); MI/PI, sigma and beta are kept.
+        Returns the model card.
         """
         self.setupPythonRequirements()
         from OAIMSSegment.model import load_model
 
         self._closeImage()
         model = load_model(nameOrPath)
+        self.adaptOverrides.pop("lr", None)
         self.modelName = str(nameOrPath)
         self._session = self._newSession(model)
         self.activeClass = 1
@@ -305,6 +308,12 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self._settingsChanged = True
         if self._session is not None and not self._session.active:
             self._applySettings()
+
+    def adaptationSettings(self) -> dict:
+        """The adaptation settings in force: ``mi``, ``pi``, ``sigma``, ``beta`` and ``lr``
+        (the model card's learning rate unless overridden)."""
+        config = self._requireSession().config
+        return {"mi": self.mi, "pi": self.pi, "sigma": config.sigma, "beta": config.beta, "lr": config.lr}
 
     def setActiveClass(self, nameOrIndex: Union[str, int]) -> int:
         """The class a positive click adds (multi-class models, e.g. ``"cup"``); returns its index."""
@@ -920,6 +929,11 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for className, classIndex in sorted(card.labels.items(), key=lambda item: item[1]):
             if classIndex:
                 self.ui.classComboBox.addItem(className, classIndex)
+        settings = self.logic.adaptationSettings()
+        for spinBox, key in ((self.ui.sigmaSpinBox, "sigma"), (self.ui.betaSpinBox, "beta"), (self.ui.lrSpinBox, "lr")):
+            wasBlocked = spinBox.blockSignals(True)
+            spinBox.value = settings[key]
+            spinBox.blockSignals(wasBlocked)
         self._updateSiteInfo()
 
     def _installDependencies(self) -> None:

@@ -262,7 +262,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--order", default="random", choices=["random", "worst-first"])
     parser.add_argument("--wrong-fraction", type=float, default=0.0, help="fraction of wrong clicks (paper: 0.4)")
     parser.add_argument("--first-wrong", type=int, default=0, help="the first k clicks of each image are wrong")
-    parser.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    parser.add_argument("--lr", type=float, help="adaptation learning rate (default: the model card's adaptation_lr, else 3e-5)")
     parser.add_argument("--beta", type=float, default=AdaptConfig.beta)
     parser.add_argument("--sigma", type=float, default=AdaptConfig.sigma)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -292,7 +292,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     protocol = Protocol(args.clicks, args.wrong_fraction, args.first_wrong, args.order)
-    config = AdaptConfig(lr=args.lr, beta=args.beta, sigma=args.sigma)
+    config = AdaptConfig(lr=args.lr, beta=args.beta, sigma=args.sigma).for_model(model.card)
     seeds = list(range(args.seed, args.seed + args.seeds))
     started = time.time()
     summary = evaluate(model, samples, methods, protocol, seeds, config)

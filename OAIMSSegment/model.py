@@ -60,6 +60,9 @@ class ModelCard:
         sha256: SHA-256 of the weights file.
         training: how the weights were made (dataset, command, seed, steps).
         metrics: measured quality (e.g. Dice after 1/5/10 simulated clicks).
+        adaptation_lr: Adam learning rate of online adaptation chosen for this model (by a
+            sweep on data the benchmarks do not use, recorded in ``docs/BENCHMARKS.md``);
+            None: the engine's default.
     """
 
     name: str
@@ -83,6 +86,7 @@ class ModelCard:
     sha256: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    adaptation_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.labels.get("background") != 0:
@@ -93,6 +97,8 @@ class ModelCard:
             raise ModelError(f"model card {self.name!r}: unknown normalization {self.normalization!r}")
         if self.image_channels < 1:
             raise ModelError(f"model card {self.name!r}: image_channels must be >= 1")
+        if self.adaptation_lr is not None and not 0.0 < self.adaptation_lr < 1.0:
+            raise ModelError(f"model card {self.name!r}: adaptation_lr must be in (0, 1), got {self.adaptation_lr}")
 
     @property
     def num_classes(self) -> int:

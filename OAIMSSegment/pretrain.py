@@ -8,8 +8,12 @@ predicts from the localization click plus those ``K`` clicks and is trained with
 localization click too, because at inference it is always present.)
 
 Training runs in the model's working space (normalised, resized, padded as at inference)
-on random crops containing foreground, with flips and intensity augmentation. Progress bar,
-atomic checkpoints, resumable, seeded.
+on random crops containing foreground, with flips and intensity augmentation. Optionally
+(``--intensity-remap``) the image's intensities are passed through a random monotone curve,
+increasing or decreasing, as in single-source cross-modality domain generalisation (Zhou et
+al., CVPR 2022, Bezier-curve style augmentation): the model cannot rely on one modality's
+contrast and has to take the clicks and shapes into account. Progress bar, atomic
+checkpoints, resumable, seeded.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import RandHistogramShift
 from tqdm import tqdm
 
 from OAIMSSegment.clicks import Click, correction_click, guidance_maps, localization_click, ranked_error_clicks
@@ -52,6 +57,7 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     iterative: int = 0
+    intensity_remap: float = 0.0
 
 
 def to_working(model: ClickSegmenter, samples: list[Sample]) -> list[TrainItem]:
@@ -81,13 +87,35 @@ def _crop(item: TrainItem, size: int | None, rng: np.random.Generator) -> TrainI
     return TrainItem(item.image[:, top : top + size_h, left : left + size_w], item.label[top : top + size_h, left : left + size_w])
 
 
-def _augment(item: TrainItem, rng: np.random.Generator) -> TrainItem:
-    """Flips and a random intensity scale, shift and gamma-like contrast change of the normalised image."""
+def remap_intensities(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A random monotone intensity curve (MONAI ``RandHistogramShift``), increasing or decreasing
+    with equal chance, applied to each channel's non-zero pixels; the result is z-scored again
+    over those pixels, as the card's normalisation would. ``image`` is ``(C, H, W)``; zero
+    background (skull-stripped MRI) stays 0."""
+    curve = RandHistogramShift(num_control_points=(4, 10), prob=1.0)
+    curve.set_random_state(seed=int(rng.integers(2**31)))
+    out = image.clone()
+    for c in range(image.shape[0]):
+        foreground = image[c] != 0
+        if int(foreground.sum()) < 16:
+            continue
+        values = torch.as_tensor(curve(image[c][foreground][None]))[0]
+        if rng.random() < 0.5:
+            values = values.max() + values.min() - values
+        out[c][foreground] = (values - values.mean()) / values.std().clamp_min(1e-6)
+    return out
+
+
+def _augment(item: TrainItem, rng: np.random.Generator, remap: float = 0.0) -> TrainItem:
+    """Flips, with probability ``remap`` a random intensity curve (:func:`remap_intensities`),
+    and a random intensity scale, shift and noise of the normalised image."""
     image, label = item.image, item.label
     if rng.random() < 0.5:
         image, label = image.flip(-1), label.flip(-1)
     if rng.random() < 0.5:
         image, label = image.flip(-2), label.flip(-2)
+    if remap and rng.random() < remap:
+        image = remap_intensities(image, rng)
     scale = float(rng.uniform(0.8, 1.2))
     shift = float(rng.uniform(-0.2, 0.2))
     image = image * scale + shift
@@ -98,7 +126,7 @@ def _augment(item: TrainItem, rng: np.random.Generator) -> TrainItem:
 
 def _batch(items: list[TrainItem], config: PretrainConfig, rng: np.random.Generator) -> list[TrainItem]:
     picked = [items[i] for i in rng.integers(len(items), size=config.batch_size)]
-    batch = [_augment(_crop(item, config.crop, rng), rng) for item in picked]
+    batch = [_augment(_crop(item, config.crop, rng), rng, config.intensity_remap) for item in picked]
     multiple = 16
     height = max(b.label.shape[0] for b in batch)
     width = max(b.label.shape[1] for b in batch)
@@ -217,7 +245,7 @@ def pretrain(
     training = {
         **card.training,
         "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "crop": config.crop,
-        "max_clicks": config.max_clicks, "iterative": config.iterative, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
+        "max_clicks": config.max_clicks, "iterative": config.iterative, "intensity_remap": config.intensity_remap, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
         "samples": len(samples), "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "wall_s_last_run": round(time.time() - started, 1),
     }
@@ -244,6 +272,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--synthetic-n", type=int, default=400, help="number of synthetic source images")
     parser.add_argument("--iterative", type=int, default=0,
                         help="up to N extra rounds of simulated correction clicks before the training clicks (0: Algorithm 2 as published)")
+    parser.add_argument("--intensity-remap", type=float, default=0.0, metavar="P",
+                        help="probability of a random monotone intensity curve per training image (0: off)")
+    parser.add_argument("--adaptation-lr", type=float,
+                        help="online-adaptation learning rate to record in the card (chosen by a held-out sweep)")
     parser.add_argument("--init", help="start from this model's weights (name or path) instead of a random initialisation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -254,6 +286,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not 0.0 <= args.intensity_remap <= 1.0:
+        raise ModelError(f"--intensity-remap is a probability in [0, 1], got {args.intensity_remap}")
     name = args.name or Path(args.out).stem
     channels = [int(c) for c in args.channels.split(",")]
     network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2, "norm": "instance"}
@@ -262,7 +296,7 @@ def _run(args: argparse.Namespace) -> int:
         card = ModelCard(
             name=name, task=args.task or "Synthetic blob segmentation (demo)", image_channels=1,
             channel_names=["intensity"], labels={"background": 0, "blob": 1}, normalization="zscore",
-            network=network,
+            network=network, adaptation_lr=args.adaptation_lr,
             training={"dataset": "synthetic source domain (OAIMSSegment.data.synthetic_samples)",
                       "command": _command(args)},
         )
@@ -273,12 +307,13 @@ def _run(args: argparse.Namespace) -> int:
             name=name, task=args.task or f"Interactive segmentation trained on {dataset.name}",
             image_channels=dataset.image_channels, channel_names=dataset.channel_names, labels=dataset.labels,
             normalization=args.normalization or ("zscore" if dataset.rgb else "zscore_nonzero"),
-            working_size=args.working_size, network=network,
+            working_size=args.working_size, network=network, adaptation_lr=args.adaptation_lr,
             training={"dataset": f"{dataset.name} imagesTr ({len(dataset.cases('Tr'))} cases, {args.axis} slices with foreground)",
                       "command": _command(args)},
         )
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            crop=args.crop or None, seed=args.seed, iterative=args.iterative)
+                            crop=args.crop or None, seed=args.seed, iterative=args.iterative,
+                            intensity_remap=args.intensity_remap)
     init = None
     if args.init:
         init = load_model(args.init)

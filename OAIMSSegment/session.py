@@ -40,7 +40,7 @@ from monai.losses import FocalLoss
 from OAIMSSegment.clicks import Click, ranked_error_clicks
 from OAIMSSegment.errors import SessionStateError
 from OAIMSSegment.losses import DiceFocal, ccg_loss, pixel_cross_entropy
-from OAIMSSegment.model import ClickSegmenter, PreparedImage, hard_labels, probabilities
+from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, hard_labels, probabilities
 
 BASE_METHODS = ("frozen", "mi", "pi", "pi+mi", "ia+sa", "tsca", "ce-pi", "ce-mi+pi", "ent-pi", "ent-mi+pi")
 
@@ -59,12 +59,17 @@ def method_name(mi: bool, pi: bool) -> str:
     return {(True, True): "pi+mi", (True, False): "mi", (False, True): "pi", (False, False): "frozen"}[(mi, pi)]
 
 
+#: Adam learning rate of online adaptation for a model whose card names none.
+DEFAULT_LR = 3e-5
+
+
 @dataclass
 class AdaptConfig:
     """Hyper-parameters of online adaptation.
 
     Attributes:
-        lr: Adam learning rate (chosen by the sweep in ``docs/BENCHMARKS.md``).
+        lr: Adam learning rate; None takes the model card's ``adaptation_lr`` (chosen per
+            model by the sweep in ``docs/BENCHMARKS.md``), else :data:`DEFAULT_LR`.
         beta: weight of the CCG loss (paper: 200).
         sigma: CCG Gaussian standard deviation in working pixels (paper: 3).
         alpha: focal weight in the Dice-Focal loss (paper: 0.7).
@@ -78,7 +83,7 @@ class AdaptConfig:
         tsca_momentum, tsca_consistency: TSCA teacher EMA momentum and student-teacher weight.
     """
 
-    lr: float = 3e-5
+    lr: float | None = None
     beta: float = 200.0
     sigma: float = 3.0
     alpha: float = 0.7
@@ -89,6 +94,12 @@ class AdaptConfig:
     ia_weight_decay: float = 1e-2
     tsca_momentum: float = 0.9
     tsca_consistency: float = 0.1
+
+    def for_model(self, card: ModelCard) -> "AdaptConfig":
+        """This configuration with the learning rate decided (see ``lr``)."""
+        if self.lr is not None:
+            return self
+        return replace(self, lr=card.adaptation_lr if card.adaptation_lr is not None else DEFAULT_LR)
 
 
 @dataclass
@@ -165,7 +176,7 @@ class InteractiveSession:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         self.model = model
         self.method = method
-        self.config = replace(config or AdaptConfig(), **VARIANTS.get(variant, {}))
+        self.config = replace(config or AdaptConfig(), **VARIANTS.get(variant, {})).for_model(model.card)
         self.card = model.card
         self.dice_focal = DiceFocal(binary=self.card.binary, alpha=self.config.alpha)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)

@@ -12,6 +12,7 @@ from OAIMSSegment.cli import main
 from OAIMSSegment.data import NnUNetDataset, synthetic_samples
 from OAIMSSegment.errors import DatasetError
 from OAIMSSegment.model import ClickSegmenter, save_model
+from OAIMSSegment.session import DEFAULT_LR
 
 
 def test_nifti_volumes_are_cut_into_slices_with_foreground(tmp_path):
@@ -68,6 +69,7 @@ def test_evaluate_writes_the_documented_json(tmp_path, tiny_weights):
     summary = json.loads(out.read_text())
     assert {"results", "n_images", "dataset", "model", "seed"} <= set(summary)
     assert summary["n_images"] == 3
+    assert summary["config"]["lr"] == DEFAULT_LR  # the tiny card names no adaptation learning rate
     for method in ("frozen", "pi+mi"):
         result = summary["results"][method]
         assert len(result["dice"]) == 3 and all(0.0 <= d <= 1.0 for d in result["dice"])

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_card
 from OAIMSSegment.clicks import Click
-from OAIMSSegment.errors import InvalidClickError, InvalidImageError, SessionStateError
+from OAIMSSegment.errors import InvalidClickError, InvalidImageError, ModelError, SessionStateError
 from OAIMSSegment.losses import DiceFocal, ccg_loss
 from OAIMSSegment.model import hard_labels
-from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession, method_name
+from OAIMSSegment.session import DEFAULT_LR, METHODS, AdaptConfig, InteractiveSession, method_name
 
 
 def weights(model):
@@ -28,6 +29,19 @@ def oaims_loss(model, prepared, clicks, pseudo, config, latest):
         logits, pseudo[None], [latest], config.sigma
     )
     return float(loss.detach())
+
+
+def test_learning_rate_comes_from_the_card_unless_given(tiny_model):
+    assert InteractiveSession(tiny_model, "pi+mi").config.lr == DEFAULT_LR
+    tiny_model.card.adaptation_lr = 2e-4
+    session = InteractiveSession(tiny_model, "pi+mi")
+    assert session.config.lr == 2e-4 and session.optimizer.param_groups[0]["lr"] == 2e-4
+    session.reconfigure("ia+sa", AdaptConfig(beta=100.0))
+    assert session.optimizer.param_groups[0]["lr"] == 2e-4
+    session.reconfigure("pi", AdaptConfig(lr=1e-3))
+    assert session.optimizer.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ModelError, match="adaptation_lr"):
+        tiny_card(adaptation_lr=5.0)
 
 
 def test_mi_click_changes_weights_and_lowers_its_own_loss(tiny_model, disk_image):

@@ -31,6 +31,7 @@ import vtk  # noqa: E402
 import OAIMSSegment as engine_package  # noqa: E402  (the engine package, before the module shadows it)
 from OAIMSSegment import mrml  # noqa: E402
 from OAIMSSegment.errors import InvalidClickError, InvalidImageError, SessionStateError  # noqa: E402
+from OAIMSSegment.session import DEFAULT_LR  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import slicer_test_doubles  # noqa: E402
@@ -501,9 +502,11 @@ def test_settings_changes_apply_to_the_next_image(module, scene, binary_model, t
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
     logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "sites"))
     logic.setModel(binary_model)
+    assert logic.adaptationSettings() == {"mi": True, "pi": True, "sigma": 3.0, "beta": 200.0, "lr": DEFAULT_LR}
     logic.setAdaptation(mi=False, pi=True, lr=3e-4, sigma=2.0, beta=100.0)
     assert logic._session.method == "pi"
     assert logic._session.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
+    assert logic.adaptationSettings()["lr"] == pytest.approx(3e-4)
     logic.startSegment(volume, segmentation)
     logic.addClick(world_of(volume, (28, 32, 20)), True)
     assert logic.addClick(world_of(volume, (5, 5, 20)), False)["adaptMs"] == 0  # MI off
@@ -512,6 +515,8 @@ def test_settings_changes_apply_to_the_next_image(module, scene, binary_model, t
     logic.accept()
     assert logic._session.method == "pi+mi"
     assert (logic._session.config.sigma, logic._session.config.beta) == (2.0, 100.0)
+    logic.setModel(binary_model)  # a learning rate belongs to a model: back to the card's
+    assert logic.adaptationSettings() == {"mi": True, "pi": True, "sigma": 2.0, "beta": 100.0, "lr": DEFAULT_LR}
 
 
 def test_rgb_vector_volume_with_a_three_class_model_gives_two_segments(module, scene, rgb_model, binary_model, tmp_path):

@@ -1,0 +1,95 @@
+"""Pretraining (Algorithm 2): seeded, resumable, and the intensity-curve augmentation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import OAIMSSegment.pretrain as pretraining
+from conftest import tiny_card
+from OAIMSSegment.data import synthetic_samples
+from OAIMSSegment.pretrain import PretrainConfig, pretrain, remap_intensities
+
+
+def _brain_like_image() -> torch.Tensor:
+    """``(1, 48, 48)``: a z-scored 'brain' disk on a zero background, with a bright lesion."""
+    rows, cols = np.mgrid[0:48, 0:48]
+    brain = (rows - 24) ** 2 + (cols - 24) ** 2 <= 400
+    lesion = (rows - 20) ** 2 + (cols - 28) ** 2 <= 25
+    rng = np.random.default_rng(3)
+    image = np.where(brain, 1.0 + 2.0 * lesion + 0.3 * rng.standard_normal((48, 48)), 0.0)
+    image[brain] = (image[brain] - image[brain].mean()) / image[brain].std()
+    return torch.tensor(image[None], dtype=torch.float32)
+
+
+def test_intensity_curves_are_monotone_seeded_and_keep_the_background():
+    image = _brain_like_image()
+    inside = image[0] != 0
+    directions = set()
+    for seed in range(12):
+        out = remap_intensities(image, np.random.default_rng(seed))
+        assert torch.equal(out, remap_intensities(image, np.random.default_rng(seed)))
+        assert bool((out[0][~inside] == 0).all())
+        values = out[0][inside]
+        assert abs(float(values.mean())) < 1e-4 and abs(float(values.std()) - 1.0) < 1e-3
+        # A monotone curve keeps (or exactly reverses) the order of the intensities.
+        order = torch.argsort(image[0][inside])
+        steps = torch.diff(values[order])
+        assert bool((steps >= -1e-5).all()) or bool((steps <= 1e-5).all())
+        directions.add("up" if float(steps.sum()) > 0 else "down")
+    assert directions == {"up", "down"}
+
+
+def _config(**overrides) -> PretrainConfig:
+    settings = dict(steps=6, batch_size=2, crop=None, max_clicks=3, checkpoint_every=3, seed=5, iterative=1,
+                    intensity_remap=0.5)
+    settings.update(overrides)
+    return PretrainConfig(**settings)
+
+
+def test_pretraining_is_seeded_resumable_and_recorded_in_the_card(tmp_path, monkeypatch):
+    samples = synthetic_samples(6, "source", seed=0, size=48)
+    whole = pretrain(tiny_card(), samples, tmp_path / "whole.pt", _config(), resume=False)
+    card = json.loads((tmp_path / "whole.json").read_text())
+    assert card["training"]["intensity_remap"] == 0.5 and card["training"]["steps"] == 6
+    assert card["sha256"] == whole.sha256
+
+    # Interrupt a second run after its first checkpoint (step 3), then resume it.
+    real_step, calls = pretraining.train_step, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_card(), samples, tmp_path / "resumed.pt", _config(), resume=True)
+    assert not (tmp_path / "resumed.pt").exists() and (tmp_path / "resumed.ckpt").exists()
+    monkeypatch.setattr(pretraining, "train_step", real_step)
+    resumed = pretrain(tiny_card(), samples, tmp_path / "resumed.pt", _config(), resume=True)
+    assert resumed.sha256 == whole.sha256
+
+    other = pretrain(tiny_card(), samples, tmp_path / "other.pt", _config(intensity_remap=0.0), resume=False)
+    assert other.sha256 != whole.sha256
+
+
+def test_pretrain_command_records_the_adaptation_lr_and_refuses_bad_options(tmp_path, capsys):
+    from OAIMSSegment.cli import main
+    from OAIMSSegment.model import load_model
+    from OAIMSSegment.session import InteractiveSession
+
+    base = ["pretrain", "--dataset", "synthetic", "--synthetic-n", "4", "--steps", "1", "--batch-size", "2",
+            "--channels", "8,16,32", "--no-resume"]
+    for option, message in ((["--intensity-remap", "2"], "--intensity-remap"), (["--adaptation-lr", "7"], "adaptation_lr")):
+        assert main([*base, "--out", str(tmp_path / "bad.pt"), *option]) == 2
+        assert message in capsys.readouterr().err
+        assert not list(tmp_path.iterdir())
+    assert main([*base, "--out", str(tmp_path / "m.pt"), "--adaptation-lr", "1e-4", "--intensity-remap", "0.5"]) == 0
+    model = load_model(tmp_path / "m.pt")
+    assert model.card.adaptation_lr == 1e-4 and model.card.training["intensity_remap"] == 0.5
+    assert InteractiveSession(model, "pi+mi").optimizer.param_groups[0]["lr"] == 1e-4
