@@ -32,7 +32,7 @@ from OAIMSSegment.clicks import correction_click, localization_click, wrong_clic
 from OAIMSSegment.data import NnUNetDataset, Sample
 from OAIMSSegment.errors import DatasetError, OAIMSError
 from OAIMSSegment.model import ClickSegmenter, load_model
-from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
+from OAIMSSegment.session import DEFAULT_LR, METHODS, AdaptConfig, InteractiveSession
 
 NOC_CAP = 20
 
@@ -262,7 +262,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--order", default="random", choices=["random", "worst-first"])
     parser.add_argument("--wrong-fraction", type=float, default=0.0, help="fraction of wrong clicks (paper: 0.4)")
     parser.add_argument("--first-wrong", type=int, default=0, help="the first k clicks of each image are wrong")
-    parser.add_argument("--lr", type=float, help="adaptation learning rate (default: the model card's adaptation_lr, else 3e-5)")
+    parser.add_argument("--lr", type=float, help=f"adaptation learning rate (default: the model card's adaptation_lr, else {DEFAULT_LR:g})")
     parser.add_argument("--beta", type=float, default=AdaptConfig.beta)
     parser.add_argument("--sigma", type=float, default=AdaptConfig.sigma)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
