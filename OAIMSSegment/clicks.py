@@ -112,6 +112,21 @@ def guidance_maps(
     return maps / peak.view(-1, *[1] * len(shape))
 
 
+def stamp_clicks(labels: torch.Tensor, clicks: Sequence[Click], radius: float) -> torch.Tensor:
+    """A copy of the class map ``labels`` ``(H, W)`` with every pixel within ``radius`` pixels
+    (Euclidean) of a click set to that click's class; later clicks win where disks overlap.
+
+    A click is the user's statement about the pixels under it; this makes a pseudo label
+    agree with it there (``radius = 0``: the clicked pixel only).
+    """
+    stamped = labels.clone()
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in labels.shape], indexing="ij")
+    for click in clicks:
+        squared = sum((g - float(p)) ** 2 for g, p in zip(grids, click.position))
+        stamped[squared <= radius**2] = click.label
+    return stamped
+
+
 def error_components(prediction: np.ndarray, target: np.ndarray, num_classes: int) -> list[tuple[np.ndarray, int]]:
     """Erroneous connected components, largest first.
 

@@ -14,6 +14,7 @@ from OAIMSSegment.clicks import (
     interior_point,
     localization_click,
     ranked_error_clicks,
+    stamp_clicks,
     validate_click,
     wrong_click,
 )
@@ -89,3 +90,14 @@ def test_localization_and_wrong_clicks():
     assert wrong.label != target[wrong.position]
     with pytest.raises(InvalidClickError):
         localization_click(np.zeros((4, 4), np.int64), rng)
+
+
+def test_stamp_clicks_sets_a_disk_to_the_click_class_and_nothing_else():
+    labels = torch.zeros((20, 20), dtype=torch.long)
+    stamped = stamp_clicks(labels, [Click((10, 10), 1)], radius=3.0)
+    rows, cols = torch.nonzero(stamped, as_tuple=True)
+    distances = ((rows - 10) ** 2 + (cols - 10) ** 2).float().sqrt()
+    assert distances.max() <= 3.0 and int(stamped.sum()) == 29  # the lattice points of a radius-3 disk
+    assert int(labels.sum()) == 0  # the input is not modified
+    only_pixel = stamp_clicks(torch.ones((5, 5), dtype=torch.long), [Click((0, 4), 0)], radius=0.0)
+    assert int(only_pixel[0, 4]) == 0 and int(only_pixel.sum()) == 24

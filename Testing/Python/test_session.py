@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_card
-from OAIMSSegment.clicks import Click
+from OAIMSSegment.clicks import Click, stamp_clicks
 from OAIMSSegment.errors import InvalidClickError, InvalidImageError, ModelError, SessionStateError
 from OAIMSSegment.losses import DiceFocal, ccg_loss
 from OAIMSSegment.model import hard_labels
@@ -61,6 +61,24 @@ def test_mi_click_changes_weights_and_lowers_its_own_loss(tiny_model, disk_image
     assert result.loss == pytest.approx(loss_before, rel=1e-4)
     assert not torch.equal(before, weights(tiny_model))
     assert oaims_loss(tiny_model, session.prepared, clicks[:1], pseudo, config, clicks[1:]) < loss_before
+
+
+def test_click_label_variant_makes_the_mi_pseudo_label_agree_with_the_click(tiny_model, disk_image):
+    image, _ = disk_image
+    session = InteractiveSession(tiny_model, "pi+mi/click-label", AdaptConfig(lr=1e-3))
+    assert session.config.mi_click_label and not AdaptConfig().mi_click_label
+    session.start(image)
+    session.add_click((30, 34), 1)
+    frozen = copy.deepcopy(tiny_model).eval()
+    clicks = [Click((30, 34), 1), Click((5, 5), 0)]  # a background click where the model says foreground
+    with torch.no_grad():
+        pseudo = hard_labels(frozen.logits(session.prepared, clicks))[0]
+    assert int(pseudo[5, 5]) == 1  # the model ignores the click
+    stamped = stamp_clicks(pseudo, clicks[1:], session.config.sigma)
+    expected = oaims_loss(frozen, session.prepared, clicks[:1], stamped, session.config, clicks[1:])
+    unstamped = oaims_loss(frozen, session.prepared, clicks[:1], pseudo, session.config, clicks[1:])
+    assert session.add_click((5, 5), 0).loss == pytest.approx(expected, rel=1e-4)
+    assert expected > unstamped
 
 
 def test_pi_accept_changes_weights_and_fits_the_accepted_mask(tiny_model, disk_image):
