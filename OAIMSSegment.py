@@ -139,8 +139,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.modelName: Optional[str] = None
         self.mi = True
         self.pi = True
-        #: AdaptConfig overrides (sigma, beta, lr); unset ones keep the engine's defaults.
-        self.adaptOverrides: dict[str, float] = {}
+        #: AdaptConfig overrides (sigma, beta, lr, mi_click_label); unset ones keep the engine's defaults.
+        self.adaptOverrides: dict[str, Union[float, bool]] = {}
         self.activeClass = 1
         self.proposalModelName = DEFAULT_PROPOSAL_MODEL
         self._session = None
@@ -292,8 +292,13 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         sigma: Optional[float] = None,
         beta: Optional[float] = None,
         lr: Optional[float] = None,
+        clickLabel: Optional[bool] = None,
     ) -> None:
         """Switch MI / PI and set the advanced parameters (CCG sigma and beta, learning rate).
+
+        ``clickLabel`` turns on our MI extension (off by default, as in the paper): each MI
+        step's pseudo label takes the clicked class within sigma of the click
+        (``AdaptConfig.mi_click_label``; measured in docs/BENCHMARKS.md, section 9).
 
         Takes effect now, or, while an image is open, when it is accepted or discarded (an
         image is adapted under one set of rules).
@@ -305,15 +310,20 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         for key, value in (("sigma", sigma), ("beta", beta), ("lr", lr)):
             if value is not None:
                 self.adaptOverrides[key] = float(value)
+        if clickLabel is not None:
+            self.adaptOverrides["mi_click_label"] = bool(clickLabel)
         self._settingsChanged = True
         if self._session is not None and not self._session.active:
             self._applySettings()
 
     def adaptationSettings(self) -> dict:
-        """The adaptation settings in force: ``mi``, ``pi``, ``sigma``, ``beta`` and ``lr``
-        (the model card's learning rate unless overridden)."""
+        """The adaptation settings in force: ``mi``, ``pi``, ``sigma``, ``beta``, ``lr`` (the model
+        card's learning rate unless overridden) and ``clickLabel``."""
         config = self._requireSession().config
-        return {"mi": self.mi, "pi": self.pi, "sigma": config.sigma, "beta": config.beta, "lr": config.lr}
+        return {
+            "mi": self.mi, "pi": self.pi, "sigma": config.sigma, "beta": config.beta, "lr": config.lr,
+            "clickLabel": config.mi_click_label,
+        }
 
     def setActiveClass(self, nameOrIndex: Union[str, int]) -> int:
         """The class a positive click adds (multi-class models, e.g. ``"cup"``); returns its index."""
@@ -764,7 +774,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
         self.ui.segmentSelectorWidget.connect("currentSegmentChanged(QString)", self.onInputsChanged)
         self.ui.classComboBox.connect("currentIndexChanged(int)", self.onClassChanged)
-        for widget in (self.ui.miCheckBox, self.ui.piCheckBox):
+        for widget in (self.ui.miCheckBox, self.ui.piCheckBox, self.ui.clickLabelCheckBox):
             widget.connect("toggled(bool)", self.onAdaptationChanged)
         for widget in (self.ui.sigmaSpinBox, self.ui.betaSpinBox, self.ui.lrSpinBox):
             widget.connect("valueChanged(double)", self.onAdaptationChanged)
@@ -934,6 +944,9 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = spinBox.blockSignals(True)
             spinBox.value = settings[key]
             spinBox.blockSignals(wasBlocked)
+        wasBlocked = self.ui.clickLabelCheckBox.blockSignals(True)
+        self.ui.clickLabelCheckBox.checked = settings["clickLabel"]
+        self.ui.clickLabelCheckBox.blockSignals(wasBlocked)
         self._updateSiteInfo()
 
     def _installDependencies(self) -> None:
@@ -971,6 +984,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sigma=self.ui.sigmaSpinBox.value,
             beta=self.ui.betaSpinBox.value,
             lr=self.ui.lrSpinBox.value,
+            clickLabel=self.ui.clickLabelCheckBox.checked,
         )
 
     def onUndo(self) -> None:

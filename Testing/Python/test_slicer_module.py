@@ -502,8 +502,9 @@ def test_settings_changes_apply_to_the_next_image(module, scene, binary_model, t
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
     logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "sites"))
     logic.setModel(binary_model)
-    assert logic.adaptationSettings() == {"mi": True, "pi": True, "sigma": 3.0, "beta": 200.0, "lr": DEFAULT_LR}
-    logic.setAdaptation(mi=False, pi=True, lr=3e-4, sigma=2.0, beta=100.0)
+    defaults = {"mi": True, "pi": True, "sigma": 3.0, "beta": 200.0, "lr": DEFAULT_LR, "clickLabel": False}
+    assert logic.adaptationSettings() == defaults
+    logic.setAdaptation(mi=False, pi=True, lr=3e-4, sigma=2.0, beta=100.0, clickLabel=True)
     assert logic._session.method == "pi"
     assert logic._session.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
     assert logic.adaptationSettings()["lr"] == pytest.approx(3e-4)
@@ -514,9 +515,10 @@ def test_settings_changes_apply_to_the_next_image(module, scene, binary_model, t
     assert logic._session.method == "pi"  # the open image keeps its rules
     logic.accept()
     assert logic._session.method == "pi+mi"
-    assert (logic._session.config.sigma, logic._session.config.beta) == (2.0, 100.0)
+    config = logic._session.config
+    assert (config.sigma, config.beta, config.mi_click_label) == (2.0, 100.0, True)
     logic.setModel(binary_model)  # a learning rate belongs to a model: back to the card's
-    assert logic.adaptationSettings() == {"mi": True, "pi": True, "sigma": 2.0, "beta": 100.0, "lr": DEFAULT_LR}
+    assert logic.adaptationSettings() == {**defaults, "sigma": 2.0, "beta": 100.0, "clickLabel": True}
 
 
 def test_rgb_vector_volume_with_a_three_class_model_gives_two_segments(module, scene, rgb_model, binary_model, tmp_path):
