@@ -188,7 +188,7 @@ class InteractiveSession:
         self.config = replace(config or AdaptConfig(), **VARIANTS.get(variant, {})).for_model(model.card)
         self.card = model.card
         self.dice_focal = DiceFocal(binary=self.card.binary, alpha=self.config.alpha)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
+        self.optimizer = self._new_optimizer()
         self.pretrained = _weights_snapshot(model)
         self.teacher: ClickSegmenter | None = None
         if base == "tsca":
@@ -319,6 +319,9 @@ class InteractiveSession:
 
     # -- state ----------------------------------------------------------------------------------
 
+    def _new_optimizer(self) -> torch.optim.Adam:
+        return torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+
     def state_dict(self) -> dict:
         """Model weights and optimizer state (plus the TSCA teacher), for the site store."""
         state = {"model": _weights_snapshot(self.model), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
@@ -327,13 +330,19 @@ class InteractiveSession:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output (raises on weights of another architecture)."""
+        """Restore :meth:`state_dict` output (raises on weights of another architecture).
+
+        A state without optimizer state (a site store milestone) starts a fresh optimizer:
+        moments estimated on other weights must not drive the next steps.
+        """
         self.model.load_state_dict(state["model"])
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
             # The saved state carries the learning rate it was saved with; the config decides.
             for group in self.optimizer.param_groups:
                 group["lr"] = self.config.lr
+        else:
+            self.optimizer = self._new_optimizer()
         if self.teacher is not None:
             self.teacher.load_state_dict(state.get("teacher", state["model"]))
 
@@ -351,7 +360,7 @@ class InteractiveSession:
         """Back to the pretrained weights, with a fresh optimizer."""
         self.discard()
         self.model.load_state_dict(self.pretrained)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+        self.optimizer = self._new_optimizer()
         if self.teacher is not None:
             self.teacher.load_state_dict(self.pretrained)
 

@@ -10,12 +10,19 @@ Layout, one folder per site and model (``<root>/<site>/<model_name>/``)::
     manifest.bak.json    copy of the last committed manifest, used if manifest.json is unreadable
     history.jsonl        append-only log, one JSON object a line
     versions/v000007.pt  torch.save of the state dict of version 7 (never modified once written)
+    versions/v000010.m.pt  a milestone: version 10 without its optimizer state (see below)
     .lock                inter-process lock (filelock) held by every writer
 
 A save writes the weights to a temporary file in ``versions/``, fsyncs it, renames it into place
 and fsyncs the folder; only then is the manifest replaced the same way. The manifest replace is
 the single commit point, so a crash at any moment leaves the previous version current and loadable.
 Weights are only ever read with ``torch.load(weights_only=True)`` after their sha256 is checked.
+
+A version that retention keeps only as an every-``keep_every``-th milestone (no longer among the
+last ``keep_last``, not current, not the current one's parent) is rewritten once without the
+state keys in ``milestone_drop`` (the Adam moments: twice the size of the weights, and only
+needed to continue adapting from the newest versions). The milestone is written as a new file
+and committed through the manifest like a save; the full file is deleted only afterwards.
 
 No Qt and no Slicer imports here: this is engine code, used by the CLI and the Slicer module.
 """
@@ -58,7 +65,7 @@ ARCHIVE_WEIGHTS = "weights.pt"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_VERSION_FILE_RE = re.compile(r"^v(\d+)\.pt$")
+_VERSION_FILE_RE = re.compile(r"^v(\d+)(\.m)?\.pt$")
 # Keys save_version writes itself; letting info override them would falsify the history.
 _RESERVED_INFO_KEYS = frozenset({"time", "action", "version"})
 # An archive's manifest is small JSON; anything bigger is not one of ours.
@@ -228,6 +235,7 @@ class SiteModel:
         keep_last: int,
         keep_every: int,
         lock_timeout: float,
+        milestone_drop: tuple[str, ...] = (),
     ) -> None:
         self.path = path
         self.site = site
@@ -236,6 +244,7 @@ class SiteModel:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.lock_timeout = lock_timeout
+        self.milestone_drop = tuple(milestone_drop)
         #: Version that the last :meth:`load_current` actually returned (differs from
         #: :attr:`current_version` after a fallback from a corrupt file).
         self.loaded_version: int | None = None
@@ -289,8 +298,11 @@ class SiteModel:
         # The backup lags at most one commit behind; only used if manifest.json itself rots.
         _atomic_write(self.path / MANIFEST_BAK, data)
 
-    def _version_path(self, version: int) -> Path:
-        return self.path / VERSIONS / f"v{version:06d}.pt"
+    def _version_path(self, version: int, milestone: bool = False) -> Path:
+        return self.path / VERSIONS / (f"v{version:06d}.m.pt" if milestone else f"v{version:06d}.pt")
+
+    def _entry_path(self, version: int, entry: dict) -> Path:
+        return self._version_path(version, bool(entry.get("milestone")))
 
     def _append_history(self, entry: dict) -> None:
         """Append one JSON line (caller holds the lock).
@@ -381,7 +393,7 @@ class SiteModel:
         if entry is None:
             raise StoreError(f"version {version} does not exist")
         try:
-            data = self._version_path(version).read_bytes()
+            data = self._entry_path(version, entry).read_bytes()
         except FileNotFoundError as e:
             raise FileNotFoundError(f"version {version} file is missing") from e
         except OSError as e:
@@ -466,11 +478,11 @@ class SiteModel:
                 }
                 manifest["current"] = version
                 manifest["next_version"] = version + 1
-                pruned = self._retain(manifest)
+                pruned = self._retain(manifest) + self._make_milestones(manifest)
                 self._write_manifest(manifest)  # the commit point
-                for v in pruned:
+                for path in pruned:
                     with contextlib.suppress(OSError):
-                        self._version_path(v).unlink()
+                        path.unlink()
                 try:
                     self._append_history({"time": now, "action": action, "version": version, "parent": parent, **info})
                 except OSError as e:
@@ -480,35 +492,63 @@ class SiteModel:
         except OSError as e:
             raise _error(f"saving the site model {self.site!r}", e) from e
 
-    def _retain(self, manifest: dict) -> list[int]:
-        """Drop versions beyond the retention rule from ``manifest``; return the dropped numbers.
-
-        Kept: the last ``keep_last`` versions, every ``keep_every``-th version, the current one
-        and its parent (the version an undo of the last update returns to).
-        """
+    def _recent(self, manifest: dict) -> set[int]:
+        """The versions kept with their full state: the last ``keep_last``, the current one and
+        its parent (the version an undo of the last update returns to)."""
         versions = sorted(int(v) for v in manifest["versions"])
         current = int(manifest["current"])
         keep = set(versions[-self.keep_last:]) if self.keep_last > 0 else set()
-        if self.keep_every > 0:
-            keep.update(v for v in versions if v % self.keep_every == 0)
         keep.add(current)
         if str(current) in manifest["versions"]:
             keep.add(int(manifest["versions"][str(current)].get("parent", 0)))
-        dropped = [v for v in versions if v not in keep]
-        for v in dropped:
-            del manifest["versions"][str(v)]
-        return dropped
+        return keep
+
+    def _retain(self, manifest: dict) -> list[Path]:
+        """Drop versions beyond the retention rule from ``manifest``; return their files, for
+        the caller to delete after the commit.
+
+        Kept: :meth:`_recent` and every ``keep_every``-th version.
+        """
+        keep = self._recent(manifest)
+        if self.keep_every > 0:
+            keep.update(int(v) for v in manifest["versions"] if int(v) % self.keep_every == 0)
+        dropped = [int(v) for v in manifest["versions"] if int(v) not in keep]
+        return [self._entry_path(v, manifest["versions"].pop(str(v))) for v in dropped]
+
+    def _make_milestones(self, manifest: dict) -> list[Path]:
+        """Rewrite the versions kept only as milestones without the ``milestone_drop`` keys
+        (caller holds the lock and commits ``manifest``); return the full files to delete after
+        the commit. A version that cannot be read stays as it is (its problem is reported when
+        it is loaded)."""
+        if not self.milestone_drop:
+            return []
+        recent = self._recent(manifest)
+        replaced = []
+        for key, entry in manifest["versions"].items():
+            version = int(key)
+            if version in recent or entry.get("milestone"):
+                continue
+            try:
+                _, state = self._read_version(manifest, version)
+            except (StoreError, FileNotFoundError):
+                continue
+            data = _serialize({k: v for k, v in state.items() if k not in self.milestone_drop})
+            _atomic_write(self._version_path(version, milestone=True), data)
+            replaced.append(self._entry_path(version, entry))
+            entry.update(sha256=_sha256(data), size=len(data), milestone=True)
+        return replaced
 
     def _sweep(self, manifest: dict) -> None:
-        """Remove leftovers of crashed writers: temp files and version files never committed.
+        """Remove leftovers of crashed writers: temp files and version files the manifest does not
+        name (never committed, or replaced by a milestone).
 
         Safe because every writer holds the lock while its temp or uncommitted files exist.
         """
-        committed = {int(v) for v in manifest["versions"]}
+        committed = {self._entry_path(int(v), e).name for v, e in manifest["versions"].items()}
         for folder in (self.path, self.path / VERSIONS):
             for p in folder.iterdir():
                 m = _VERSION_FILE_RE.match(p.name) if folder.name == VERSIONS else None
-                if (p.name.startswith(".") and p.name.endswith(".tmp")) or (m and int(m.group(1)) not in committed):
+                if (p.name.startswith(".") and p.name.endswith(".tmp")) or (m and p.name not in committed):
                     with contextlib.suppress(OSError):
                         p.unlink()
 
@@ -677,7 +717,9 @@ class SiteModelStore:
     """Root folder of all site models: ``<root>/<site>/<model_name>/``.
 
     ``keep_last`` and ``keep_every`` set retention (see :meth:`SiteModel._retain`): at most
-    ``keep_last + max_version // keep_every + 2`` version files per site model.
+    ``keep_last + max_version // keep_every + 2`` version files per site model, of which all but
+    ``keep_last + 2`` are milestones without the ``milestone_drop`` state keys (default: the
+    optimizer state, which the newest versions keep so that adaptation resumes where it left off).
     ``lock_timeout`` bounds how long a writer waits for another process's save.
     """
 
@@ -687,6 +729,7 @@ class SiteModelStore:
         keep_last: int = 10,
         keep_every: int = 10,
         lock_timeout: float = 60.0,
+        milestone_drop: tuple[str, ...] = ("optimizer",),
     ) -> None:
         if keep_last < 1:
             raise StoreError("keep_last must be at least 1")
@@ -696,6 +739,7 @@ class SiteModelStore:
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.lock_timeout = lock_timeout
+        self.milestone_drop = tuple(milestone_drop)
 
     def sites(self) -> list[str]:
         """Names of the sites that have at least one model in the store."""
@@ -723,7 +767,9 @@ class SiteModelStore:
         except OSError as e:
             if not (path / MANIFEST).exists():
                 raise _error(f"creating site {site!r} in {self.root}", e, "") from e
-        model = SiteModel(path, site, model_name, base_sha256, self.keep_last, self.keep_every, self.lock_timeout)
+        model = SiteModel(
+            path, site, model_name, base_sha256, self.keep_last, self.keep_every, self.lock_timeout, self.milestone_drop
+        )
         if (path / MANIFEST).exists() or (path / MANIFEST_BAK).exists():
             self._check_base(model, base_sha256, allow_base_change)
             return model

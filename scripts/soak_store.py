@@ -8,7 +8,8 @@ and optimizer are rebuilt from ``load_current()``, as when Slicer restarts. Chec
 * no non-finite weights (in memory after every step, and in every reloaded state);
 * every reload equals the in-memory state (sha256-verified, weights_only loading);
 * memory flat: resident set size (RSS) over the last tenth of the run vs. the tenth after warm-up;
-* store size within the retention bound ``(keep_last + n // keep_every + 2) * max version size``.
+* store size within the retention bound: at most ``keep_last + n // keep_every + 2`` files, of
+  which at most ``keep_last + 2`` hold the optimizer state (the rest are weights-only milestones).
 
 Writes a JSON result and exits 1 if any check fails. Not part of the fast test suite::
 
@@ -18,6 +19,7 @@ Writes a JSON result and exits 1 if any check fails. Not part of the fast test s
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -96,6 +98,12 @@ def iter_tensors(obj: object):
             yield from iter_tensors(v)
 
 
+def serialized_size(state: dict) -> int:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return len(buf.getvalue())
+
+
 def same(a: dict, b: dict) -> bool:
     ta, tb = list(iter_tensors(a)), list(iter_tensors(b))
     return len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
@@ -119,7 +127,7 @@ def main() -> int:
     net, opt = build(site.load_current())
     rss, save_s, losses = [], [], []
     problems: list[str] = []
-    max_version_bytes = 0
+    max_version_bytes = max_weights_bytes = 0
     start = time.perf_counter()
     try:
         for i in range(1, args.accepts + 1):
@@ -137,6 +145,7 @@ def main() -> int:
             version = site.save_version(state, {"clicks": 2, "loss": losses[-1]})
             save_s.append(time.perf_counter() - t)
             max_version_bytes = max(max_version_bytes, site.versions()[-1].size)
+            max_weights_bytes = max(max_weights_bytes, serialized_size({"model": state["model"]}))
             if version != i:
                 problems.append(f"accept {i}: got version {version}")
             if i % args.restart_every == 0:
@@ -153,7 +162,8 @@ def main() -> int:
         store_bytes = sum(p.stat().st_size for p in files)
         n = len(save_s)
         bound_files = args.keep_last + n // args.keep_every + 2 if args.keep_every else args.keep_last + 2
-        bound_bytes = bound_files * max_version_bytes
+        full_files = min(bound_files, args.keep_last + 2)
+        bound_bytes = full_files * max_version_bytes + (bound_files - full_files) * max_weights_bytes
         if store_bytes > bound_bytes or len(files) > bound_files:
             problems.append(f"store holds {len(files)} files / {store_bytes} B, bound {bound_files} / {bound_bytes} B")
         tenth = max(1, n // 10)
@@ -177,6 +187,7 @@ def main() -> int:
             "keep_last": args.keep_last,
             "keep_every": args.keep_every,
             "version_bytes": max_version_bytes,
+            "milestone_bytes_bound": max_weights_bytes,
             "elapsed_s": round(elapsed, 1),
             "save_s_mean": round(statistics.mean(save_s), 4),
             "save_s_p95": round(sorted(save_s)[int(0.95 * (n - 1))], 4),

@@ -169,6 +169,11 @@ def test_state_dict_round_trip_keeps_optimizer_state(tiny_model, disk_image):
     assert torch.equal(weights(other.model), weights(tiny_model))
     session.reset_weights()
     assert torch.equal(weights(tiny_model), torch.cat([v.flatten() for k, v in session.pretrained.items() if k in dict(tiny_model.named_parameters())]))
+    session.load_state_dict(state)
+    assert session.optimizer.state_dict()["state"]
+    session.load_state_dict({"model": state["model"]})  # a site store milestone: weights only
+    assert torch.equal(weights(tiny_model), weights(other.model))
+    assert not session.optimizer.state_dict()["state"]  # fresh Adam, not the moments of other weights
 
 
 def test_method_switches():

@@ -338,9 +338,54 @@ def test_retention_bound(store: SiteModelStore, site: SiteModel) -> None:
         site.save_version(state, {})
     kept = [v.version for v in site.versions()]
     assert kept == [5, 10, 15, 20, 21, 22, 23]  # every 5th + last 3
-    assert sorted(p.name for p in (site.path / "versions").iterdir()) == [f"v{v:06d}.pt" for v in kept]
+    files = sorted(p.name for p in (site.path / "versions").iterdir())
+    assert files == [f"v{v:06d}.m.pt" for v in (5, 10, 15, 20)] + [f"v{v:06d}.pt" for v in (21, 22, 23)]
     assert len(kept) <= store.keep_last + 23 // store.keep_every + 2
     assert len([h for h in site.history() if h["action"] == "adapt"]) == 23  # history is never pruned
+
+
+def test_milestones_drop_the_optimizer_state_and_keep_the_weights(site: SiteModel) -> None:
+    states = [make_state(seed) for seed in range(12)]
+    for state in states:
+        site.save_version(state, {})
+    entries = {v.version: v for v in site.versions()}
+    assert sorted(entries) == [5, 10, 11, 12]  # 10 is among the last 3, so it keeps its optimizer
+    assert entries[5].size < entries[11].size / 2  # Adam's two moments are twice the weights
+    site.rollback(5)
+    milestone = site.load_current()
+    assert set(milestone) == {"model"}
+    assert_same_state(states[4]["model"], milestone["model"])
+    site.rollback(10)
+    assert_same_state(states[9], site.load_current())
+    for seed in range(12, 16):  # 10 leaves the last three only after the pointer moves on
+        site.save_version(make_state(seed), {})
+    site.rollback(10)
+    assert set(site.load_current()) == {"model"}
+
+
+def test_failed_milestone_commit_keeps_the_full_version(site: SiteModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    states = [make_state(seed) for seed in range(8)]
+    for state in states[:7]:
+        site.save_version(state, {})
+    real_replace = os.replace
+
+    def crash_on_pointer(src: object, dst: object) -> None:
+        if Path(dst).name == "manifest.json":
+            raise OSError(errno.EIO, "simulated crash before the pointer moves", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_pointer)
+    with pytest.raises(StoreError):
+        site.save_version(states[7], {})  # would turn version 5 into a milestone
+    monkeypatch.undo()
+    assert site._version_path(5).exists() and site._version_path(5, milestone=True).exists()
+    site.rollback(5)
+    assert_same_state(states[4], site.load_current())  # the committed full file, still intact
+    site.rollback(7)
+    site.save_version(states[7], {})
+    assert not site._version_path(5).exists()  # replaced by the committed milestone...
+    site.rollback(5)
+    assert_same_state(states[4]["model"], site.load_current()["model"])  # ...with the same weights
 
 
 def test_retention_keeps_rollback_target(site: SiteModel) -> None:
