@@ -75,6 +75,22 @@ class Evil:
         return (open, (str(self.marker), "w"))
 
 
+def save_crashing_before_the_pointer_moves(site: SiteModel, state: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``save_version`` with ``os.replace`` failing only for manifest.json: every other file is
+    written and renamed into place, but nothing is committed."""
+    real_replace = os.replace
+
+    def crash_on_pointer(src: object, dst: object) -> None:
+        if Path(dst).name == "manifest.json":
+            raise OSError(errno.EIO, "simulated crash before the pointer moves", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_pointer)
+    with pytest.raises(StoreError):
+        site.save_version(state, {})
+    monkeypatch.undo()
+
+
 def plant_version_file(site: SiteModel, version: int, data: bytes) -> None:
     """Overwrite a committed version file and fix its checksum, as an attacker with write access could."""
     site._version_path(version).write_bytes(data)
@@ -221,17 +237,7 @@ def test_failure_between_write_and_rename_keeps_previous(site: SiteModel, monkey
 def test_failure_after_fsync_before_pointer_moves(site: SiteModel, monkeypatch: pytest.MonkeyPatch) -> None:
     s1 = make_state(1)
     site.save_version(s1, {})
-    real_replace = os.replace
-
-    def crash_on_pointer(src: object, dst: object) -> None:
-        if Path(dst).name == "manifest.json":
-            raise OSError(errno.EIO, "simulated crash before the pointer moves", str(dst))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_pointer)
-    with pytest.raises(StoreError):
-        site.save_version(make_state(2), {})
-    monkeypatch.undo()
+    save_crashing_before_the_pointer_moves(site, make_state(2), monkeypatch)
     assert site._version_path(2).exists()  # weights were fully written and fsynced...
     assert site.current_version == 1  # ...but never committed
     assert [v.version for v in site.versions()] == [1]
@@ -367,17 +373,7 @@ def test_failed_milestone_commit_keeps_the_full_version(site: SiteModel, monkeyp
     states = [make_state(seed) for seed in range(8)]
     for state in states[:7]:
         site.save_version(state, {})
-    real_replace = os.replace
-
-    def crash_on_pointer(src: object, dst: object) -> None:
-        if Path(dst).name == "manifest.json":
-            raise OSError(errno.EIO, "simulated crash before the pointer moves", str(dst))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_pointer)
-    with pytest.raises(StoreError):
-        site.save_version(states[7], {})  # would turn version 5 into a milestone
-    monkeypatch.undo()
+    save_crashing_before_the_pointer_moves(site, states[7], monkeypatch)  # would make version 5 a milestone
     assert site._version_path(5).exists() and site._version_path(5, milestone=True).exists()
     site.rollback(5)
     assert_same_state(states[4], site.load_current())  # the committed full file, still intact
