@@ -19,7 +19,7 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -265,6 +265,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, help=f"adaptation learning rate (default: the model card's adaptation_lr, else {DEFAULT_LR:g})")
     parser.add_argument("--beta", type=float, default=AdaptConfig.beta)
     parser.add_argument("--sigma", type=float, default=AdaptConfig.sigma)
+    parser.add_argument(
+        "--working-size", type=int,
+        help="segment with the longer image side at this many pixels instead of the model card's "
+        "working_size; 0: native resolution (up to the card's max_side)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--json", required=True, help="write results here")
     parser.add_argument("--plot", help="write a Dice-vs-clicks PNG here")
@@ -279,6 +284,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not 0.0 <= args.wrong_fraction <= 1.0:
         raise OAIMSError("--wrong-fraction must be in [0, 1]")
     model = load_model(args.model)
+    card_overrides = {}
+    if args.working_size is not None:
+        card_overrides["working_size"] = args.working_size or None
+        model.card = replace(model.card, **card_overrides)
     dataset = NnUNetDataset(args.dataset)
     if dataset.image_channels != model.card.image_channels:
         raise DatasetError(
@@ -301,6 +310,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         "seed": args.seed, "seeds": seeds, "protocol": vars(protocol), "config": vars(config),
         "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1),
     })
+    if card_overrides:
+        summary["card_overrides"] = card_overrides
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     if args.plot:

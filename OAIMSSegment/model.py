@@ -97,6 +97,11 @@ class ModelCard:
             raise ModelError(f"model card {self.name!r}: unknown normalization {self.normalization!r}")
         if self.image_channels < 1:
             raise ModelError(f"model card {self.name!r}: image_channels must be >= 1")
+        if self.working_size is not None and self.working_size < MIN_SIDE:
+            raise ModelError(
+                f"model card {self.name!r}: working_size must be >= {MIN_SIDE} px (or null for native), "
+                f"got {self.working_size}"
+            )
         if self.adaptation_lr is not None and not 0.0 < self.adaptation_lr < 1.0:
             raise ModelError(f"model card {self.name!r}: adaptation_lr must be in (0, 1), got {self.adaptation_lr}")
 

@@ -22,6 +22,12 @@ def cell(values: list[float], stds: list[float], click: int) -> str:
     return f"{100 * values[click - 1]:.1f} ± {100 * stds[click - 1]:.1f}"
 
 
+def overrides(summary: dict) -> str:
+    """``evaluate --working-size`` and other model card overrides, for the table header."""
+    items = summary.get("card_overrides", {})
+    return "".join(f", {key} {'native' if value is None else value}" for key, value in items.items())
+
+
 def table(path: Path) -> str:
     summary = json.loads(path.read_text())
     results = summary["results"]
@@ -31,7 +37,8 @@ def table(path: Path) -> str:
     header = "| method | " + " | ".join(f"{c} click{'s' if c > 1 else ''}" for c in clicks) + " | NoC@80 | NoC@90 | MI p50 ms | PI p50 ms |"
     lines = [
         f"**{path.stem}**: model `{summary['model']}` on `{summary['dataset']}`, {summary['n_images']} images, "
-        f"seeds {summary.get('seeds', [summary['seed']])}" + (" — cells: disc / cup Dice (%)" if fundus else " — cells: Dice (%)"),
+        f"seeds {summary.get('seeds', [summary['seed']])}" + overrides(summary)
+        + (" — cells: disc / cup Dice (%)" if fundus else " — cells: Dice (%)"),
         "",
         header,
         "|" + "---|" * (len(clicks) + 5),

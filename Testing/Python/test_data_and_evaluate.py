@@ -81,11 +81,27 @@ def test_evaluate_writes_the_documented_json(tmp_path, tiny_weights):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_evaluate_working_size_overrides_the_card_and_is_recorded(tmp_path, tiny_weights):
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=2)
+    summaries = {}
+    for size in ("0", "16"):
+        out = tmp_path / f"ws{size}.json"
+        code = main(["evaluate", "--model", str(tiny_weights), "--dataset", str(root), "--methods", "frozen",
+                     "--clicks", "2", "--max-images", "2", "--working-size", size, "--json", str(out)])
+        assert code == 0
+        summaries[size] = json.loads(out.read_text())
+    assert summaries["0"]["card_overrides"] == {"working_size": None}
+    assert summaries["16"]["card_overrides"] == {"working_size": 16}
+    dice = [summaries[size]["results"]["frozen"]["dice"] for size in ("0", "16")]
+    assert dice[0] != dice[1]  # a 16 px working grid segments differently from the native one
+
+
 def test_evaluate_errors_exit_2_with_one_line(tmp_path, tiny_weights, capsys):
     rgb = write_nnunet_dataset(tmp_path / "rgb", "png", rgb=True)
     for args, message in [
         (["--dataset", str(tmp_path / "nowhere")], "does not exist"),
         (["--dataset", str(rgb)], "channel"),
+        (["--dataset", str(rgb), "--working-size", "8"], "working_size must be >= 16"),
     ]:
         code = main(["evaluate", "--model", str(tiny_weights), *args, "--json", str(tmp_path / "x.json")])
         assert code == 2
