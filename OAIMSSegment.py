@@ -298,7 +298,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
         ``clickLabel`` turns on our MI extension (off by default, as in the paper): each MI
         step's pseudo label takes the clicked class within sigma of the click
-        (``AdaptConfig.mi_click_label``; measured in docs/BENCHMARKS.md, section 9).
+        (``AdaptConfig.mi_click_label``; measured in docs/BENCHMARKS.md, section 9.1).
 
         Takes effect now, or, while an image is open, when it is accepted or discarded (an
         image is adapted under one set of rules).

@@ -82,7 +82,7 @@ class AdaptConfig:
             step, the pixels within ``sigma`` of the new click take the click's class in the
             pseudo label ``P_t^initial``. A model that ignores a click predicts the wrong class
             right under it, and the class-limited CCG term then drops most of the click's
-            window (measured in ``docs/BENCHMARKS.md``, section 9).
+            window (measured in ``docs/BENCHMARKS.md``, section 9.1).
         max_dice_drop: PI safety guard: if, after the update, the model's prediction with the
             image's clicks matches the accepted mask worse by more than this Dice, the update is
             undone (a collapsing update must never reach a site model).

@@ -35,7 +35,7 @@ for part in "${parts[@]}"; do
     fundus)
       ev fundus-origa "${FUNDUS[@]}" --dataset "$DATA/Dataset004_ORIGA" --methods "$BASELINES" --clicks 10 --seeds 3
       ev fundus-drishti-control "${FUNDUS[@]}" --dataset "$DATA/Dataset003_DrishtiGS" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
-    click-label)  # our MI extension pi+mi/click-label next to pi+mi (BENCHMARKS section 9); first on held-out T1 imagesTr
+    click-label)  # our MI extension pi+mi/click-label next to pi+mi (BENCHMARKS section 9.1); first on held-out T1 imagesTr
       ev sweep/brain-t1-tr-click-label --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods ia+sa,tsca,pi+mi,pi+mi/click-label --clicks 10
       ev brain-t1-click-label "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi,pi+mi/click-label --clicks 10 --seeds 3
       ev brain-flair-control-click-label "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi+mi,pi+mi/click-label --clicks 10 --seeds 3
