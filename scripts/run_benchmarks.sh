@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-data benchmark runs behind docs/BENCHMARKS.md. Run from the repository root:
-#   bash scripts/run_benchmarks.sh [brain|brain-extra-a|brain-extra-b|fundus|click-label|native|sweep]...
+#   bash scripts/run_benchmarks.sh [brain|brain-extra-a|brain-extra-b|fundus|click-label|sweep]...
 # Results: results/<name>.json and docs/figures/<name>.png; tables: python scripts/tables.py.
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -35,16 +35,13 @@ for part in "${parts[@]}"; do
     fundus)
       ev fundus-origa "${FUNDUS[@]}" --dataset "$DATA/Dataset004_ORIGA" --methods "$BASELINES" --clicks 10 --seeds 3
       ev fundus-drishti-control "${FUNDUS[@]}" --dataset "$DATA/Dataset003_DrishtiGS" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
-    click-label)  # our MI extension pi+mi/click-label next to pi+mi (BENCHMARKS section 9.1); first on held-out T1 imagesTr
+    click-label)  # our MI extension pi+mi/click-label next to pi+mi (BENCHMARKS section 9.1); first the held-out T1 imagesTr run that chose it
       ev sweep/brain-t1-tr-click-label --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods ia+sa,tsca,pi+mi,pi+mi/click-label --clicks 10
       ev brain-t1-click-label "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi,pi+mi/click-label --clicks 10 --seeds 3
       ev brain-flair-control-click-label "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi+mi,pi+mi/click-label --clicks 10 --seeds 3
       ev brain-t1-wrong40-click-label "${BRAIN_EXTRA[@]}" --methods pi+mi,pi+mi/click-label --clicks 10 --seeds 3 --wrong-fraction 0.4
       ev brain-t1-noc-click-label "${BRAIN_EXTRA[@]}" --methods pi+mi/click-label --clicks 20 --seeds 3
       ev fundus-origa-click-label "${FUNDUS[@]}" --dataset "$DATA/Dataset004_ORIGA" --methods pi+mi,pi+mi/click-label --clicks 10 --seeds 3 ;;
-    native)  # the brain model applied at native resolution (240 px) instead of its card's 160 px (BENCHMARKS section 4)
-      ev brain-flair-control-native "${BRAIN[@]}" --working-size 0 --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi,pi+mi --clicks 10 --seeds 3
-      ev brain-t1-native "${BRAIN[@]}" --working-size 0 --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,ia+sa,tsca,pi+mi --clicks 10 --seeds 3 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
