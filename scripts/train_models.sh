@@ -4,24 +4,26 @@
 # Training uses whole images (--crop 0): crops around the target teach the model that
 # everything bright in view is target, which over-segments full slices at inference.
 # Each model's card (Resources/Models/<name>.json) records this command and its sha256.
-# One torch thread each: CPU results depend on the thread count, so this reproduces the shipped weights.
+# One torch thread each by default: CPU results depend on the thread count, so this reproduces the
+# shipped weights bit for bit. THREADS=2 trains the brain model faster (BENCHMARKS section 4), not bit-identically.
 set -euo pipefail
 PY=${PYTHON:-python}
 DATA=${OAIMS_DATA:-../shared/data}
+THREADS=${THREADS:-1}
 models=("$@"); [ ${#models[@]} -eq 0 ] && models=(demo brain fundus)
 for m in "${models[@]}"; do
   case "$m" in
     demo) $PY -m OAIMSSegment pretrain --dataset synthetic --synthetic-n 400 --out Resources/Models/demo-synthetic-blobs.pt \
             --task "Synthetic blobs (demo model; trained on the synthetic source appearance)" \
             --channels 16,32,64,128 --steps 1000 --batch-size 8 --crop 0 --seed 0 --no-resume ;;
-    brain)  # two stages, ~65 min on one core: 4,000 steps at 160 px (~33 min), then 1,500 steps at the
-            # native 240 px with random intensity curves (~32 min); inference-style click rounds (--iterative) in both
+    brain)  # two stages, ~63 min with one thread: 4,000 steps at 160 px (~33 min), then 1,500 steps at the
+            # native 240 px with random intensity curves (~30 min); inference-style click rounds (--iterative) in both
       $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --working-size 160 --iterative 2 \
-            --steps 4000 --batch-size 8 --crop 0 --seed 0 --no-resume --threads 1 --name brain-lesion-flair \
+            --steps 4000 --batch-size 8 --crop 0 --seed 0 --no-resume --threads "$THREADS" --name brain-lesion-flair \
             --task "Brain tumour (whole) on axial FLAIR MRI slices" --out runs/brain-lesion-flair-160.pt
       $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --init runs/brain-lesion-flair-160.pt \
             --working-size 240 --iterative 2 --steps 1500 --lr 3e-4 --batch-size 8 --crop 0 --seed 0 --no-resume \
-            --threads 1 --name brain-lesion-flair --task "Brain tumour (whole) on axial FLAIR MRI slices" \
+            --threads "$THREADS" --name brain-lesion-flair --task "Brain tumour (whole) on axial FLAIR MRI slices" \
             --intensity-remap 0.3 --out Resources/Models/brain-lesion-flair.pt ;;
     fundus) $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset003_DrishtiGS" --out Resources/Models/fundus-disc-cup.pt \
             --task "Optic disc rim and cup on disc-centred RGB fundus photographs" \
