@@ -77,6 +77,8 @@ def update(document: Path, results_dir: Path = Path("results")) -> list[str]:
         while i < len(lines) and lines[i].startswith("|"):
             i += 1
         out.append(table(source))
+        if i < len(lines) and lines[i].strip():  # a table runs on into a following non-blank line
+            out.append("\n")
         refreshed.append(source.stem)
     document.write_text("".join(out))
     return refreshed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +96,26 @@ def test_evaluate_working_size_overrides_the_card_and_is_recorded(tmp_path, tiny
     assert summaries["16"]["card_overrides"] == {"working_size": 16}
     dice = [summaries[size]["results"]["frozen"]["dice"] for size in ("0", "16")]
     assert dice[0] != dice[1]  # a 16 px working grid segments differently from the native one
+
+
+def test_benchmark_tables_are_refreshed_in_place_and_stay_separate(tmp_path, tiny_weights):
+    """``scripts/tables.py --update`` rewrites each ``**name**:`` block from results/name.json and
+    keeps a blank line after each table, so back-to-back blocks render as separate tables."""
+    spec = importlib.util.spec_from_file_location("tables", Path(__file__).parents[2] / "scripts" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=2)
+    (tmp_path / "results").mkdir()
+    assert main(["evaluate", "--model", str(tiny_weights), "--dataset", str(root), "--methods", "frozen",
+                 "--clicks", "3", "--max-images", "2", "--json", str(tmp_path / "results" / "run.json")]) == 0
+    stale = "| method | 1 click |\n|---|---|\n| frozen | 99.9 |\n"
+    document = tmp_path / "doc.md"
+    document.write_text(f"**run**: model `old`\n\n{stale}**run**: model `old`\n\n{stale}end\n")
+    assert tables.update(document, tmp_path / "results") == ["run", "run"]
+    text = document.read_text()
+    assert "99.9" not in text and text.count("| frozen |") == 2
+    blocks = text.split("\n\n")
+    assert blocks[-1] == "end\n" and sum(block.startswith("**run**: model `") for block in blocks) == 2
 
 
 def test_evaluate_errors_exit_2_with_one_line(tmp_path, tiny_weights, capsys):
