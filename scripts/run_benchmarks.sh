@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-data benchmark runs behind docs/BENCHMARKS.md. Run from the repository root:
-#   bash scripts/run_benchmarks.sh [brain|brain-extra-a|brain-extra-b|fundus|click-label|sweep]...
+#   bash scripts/run_benchmarks.sh [brain|brain-extra-a|brain-extra-b|fundus|click-label|sweep|sweep-baselines|brain-tuned]...
 # Results: results/<name>.json and docs/figures/<name>.png; tables: python scripts/tables.py.
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -20,6 +20,15 @@ for part in "${parts[@]}"; do
       for lr in 1e-5 3e-5 1e-4 3e-4 1e-3; do
         ev "sweep/brain-t1-tr-lr-$lr" --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods pi+mi --clicks 5 --lr "$lr"
       done ;;
+    sweep-baselines)  # the same sweep for the baselines (the tables run them at PI+MI's default rate)
+      for lr in 1e-5 3e-5 1e-4 3e-4 1e-3; do
+        ev "sweep/brain-t1-tr-baselines-lr-$lr" --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods ia+sa,tsca,ce-pi,ent-pi --clicks 5 --lr "$lr"
+      done ;;
+    brain-tuned)  # T1 test rows with each method at its best rate in the sweeps above (5 clicks); ia+sa's is the default (brain-t1)
+      ev brain-t1-tuned-lr-1e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods pi+mi --clicks 10 --seeds 3 --lr 1e-4
+      ev brain-t1-tuned-lr-3e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods tsca,ent-pi --clicks 10 --seeds 3 --lr 3e-4
+      ev brain-t1-tuned-lr-1e-3 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods ce-pi --clicks 10 --seeds 3 --lr 1e-3
+      ev brain-flair-control-tuned-lr-1e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods pi+mi --clicks 10 --seeds 3 --lr 1e-4 ;;
     brain)
       ev brain-t1 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods "$BASELINES" --clicks 10 --seeds 3
       ev brain-flair-control "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;

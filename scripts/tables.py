@@ -15,11 +15,18 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def cell(values: list[float], stds: list[float], click: int) -> str:
     if click > len(values):
         return "-"
     return f"{100 * values[click - 1]:.1f} ± {100 * stds[click - 1]:.1f}"
+
+
+def scientific(value: float) -> str:
+    """``3e-5`` rather than ``3e-05`` or ``0.0003``."""
+    return np.format_float_scientific(value, trim="-", exp_digits=1)
 
 
 def overrides(summary: dict) -> str:
@@ -37,7 +44,7 @@ def table(path: Path) -> str:
     header = "| method | " + " | ".join(f"{c} click{'s' if c > 1 else ''}" for c in clicks) + " | NoC@80 | NoC@90 | MI p50 ms | PI p50 ms |"
     lines = [
         f"**{path.stem}**: model `{summary['model']}` on `{summary['dataset']}`, {summary['n_images']} images, "
-        f"seeds {summary.get('seeds', [summary['seed']])}" + overrides(summary)
+        f"seeds {summary.get('seeds', [summary['seed']])}, adaptation lr {scientific(summary['config']['lr'])}" + overrides(summary)
         + (" — cells: disc / cup Dice (%)" if fundus else " — cells: Dice (%)"),
         "",
         header,

@@ -114,6 +114,7 @@ def test_benchmark_tables_are_refreshed_in_place_and_stay_separate(tmp_path, tin
     assert tables.update(document, tmp_path / "results") == ["run", "run"]
     text = document.read_text()
     assert "99.9" not in text and text.count("| frozen |") == 2
+    assert text.count(f"adaptation lr {tables.scientific(DEFAULT_LR)}") == 2 and tables.scientific(3e-4) == "3e-4"
     blocks = text.split("\n\n")
     assert blocks[-1] == "end\n" and sum(block.startswith("**run**: model `") for block in blocks) == 2
 
