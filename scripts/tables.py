@@ -4,6 +4,7 @@ Usage: python scripts/tables.py results/brain-t1.json [more.json ...]     (print
        python scripts/tables.py --update docs/BENCHMARKS.md               (refresh in place)
 With ``--update``, every table block of the document that starts with ``**<name>**:`` is
 replaced by the table of ``results/<name>.json``, so the document cannot keep stale numbers.
+The header names the model, the data, the seeds and the adaptation learning rate.
 Cells are Dice in % after 1/3/5/10 clicks, mean +- standard deviation over seeds; for
 fundus models disc/cup; then NoC@80 / NoC@90 and MI / PI latency p50 (ms).
 """
