@@ -11,19 +11,22 @@ BASELINES=frozen,ia+sa,tsca,ce-pi,ent-pi,pi,pi+mi
 BRAIN=(--model brain-lesion-flair --min-foreground 50 --max-images 30 --threads "$THREADS")
 BRAIN_EXTRA=(--model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1")
 FUNDUS=(--model fundus-disc-cup --max-images 30 --threads "$THREADS")
+HELD_OUT=("${BRAIN_EXTRA[@]}" --split Tr)  # shifted brain slices the tables do not use, for choices made before them
 ev() { local name=$1; shift; $PY -m OAIMSSegment evaluate "$@" --json "results/$name.json" --plot "docs/figures/$name.png"; }
+sweep_lr() {  # sweep_lr NAME METHODS: the adaptation learning-rate sweep on HELD_OUT, T = 5, one seed
+  local lr
+  for lr in 1e-5 3e-5 1e-4 3e-4 1e-3; do
+    ev "sweep/$1-lr-$lr" "${HELD_OUT[@]}" --methods "$2" --clicks 5 --lr "$lr"
+  done
+}
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(brain fundus)
 for part in "${parts[@]}"; do
   case "$part" in
     sweep)  # learning-rate sweep of PI+MI on shifted brain data the tables do not use (T1 imagesTr; one seed, T = 5)
-      ev sweep/brain-t1-tr-frozen --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods frozen --clicks 5
-      for lr in 1e-5 3e-5 1e-4 3e-4 1e-3; do
-        ev "sweep/brain-t1-tr-lr-$lr" --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods pi+mi --clicks 5 --lr "$lr"
-      done ;;
+      ev sweep/brain-t1-tr-frozen "${HELD_OUT[@]}" --methods frozen --clicks 5
+      sweep_lr brain-t1-tr pi+mi ;;
     sweep-baselines)  # the same sweep for the baselines (the tables run them at PI+MI's default rate)
-      for lr in 1e-5 3e-5 1e-4 3e-4 1e-3; do
-        ev "sweep/brain-t1-tr-baselines-lr-$lr" --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods ia+sa,tsca,ce-pi,ent-pi --clicks 5 --lr "$lr"
-      done ;;
+      sweep_lr brain-t1-tr-baselines ia+sa,tsca,ce-pi,ent-pi ;;
     brain-tuned)  # T1 test rows with each method at its best rate in the sweeps above (5 clicks); ia+sa's is the default (brain-t1)
       ev brain-t1-tuned-lr-1e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods pi+mi --clicks 10 --seeds 3 --lr 1e-4
       ev brain-t1-tuned-lr-3e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods tsca,ent-pi --clicks 10 --seeds 3 --lr 3e-4
@@ -45,7 +48,7 @@ for part in "${parts[@]}"; do
       ev fundus-origa "${FUNDUS[@]}" --dataset "$DATA/Dataset004_ORIGA" --methods "$BASELINES" --clicks 10 --seeds 3
       ev fundus-drishti-control "${FUNDUS[@]}" --dataset "$DATA/Dataset003_DrishtiGS" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
     click-label)  # our MI extension pi+mi/click-label next to pi+mi (BENCHMARKS section 9.1); first the held-out T1 imagesTr run that chose it
-      ev sweep/brain-t1-tr-click-label --model brain-lesion-flair --min-foreground 50 --max-images 20 --threads "$THREADS" --dataset "$DATA/Dataset002_BraTS18_T1" --split Tr --methods ia+sa,tsca,pi+mi,pi+mi/click-label --clicks 10
+      ev sweep/brain-t1-tr-click-label "${HELD_OUT[@]}" --methods ia+sa,tsca,pi+mi,pi+mi/click-label --clicks 10
       ev brain-t1-click-label "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods frozen,pi+mi,pi+mi/click-label --clicks 10 --seeds 3
       ev brain-flair-control-click-label "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi+mi,pi+mi/click-label --clicks 10 --seeds 3
       ev brain-t1-wrong40-click-label "${BRAIN_EXTRA[@]}" --methods pi+mi,pi+mi/click-label --clicks 10 --seeds 3 --wrong-fraction 0.4
