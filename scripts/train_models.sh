@@ -5,7 +5,8 @@
 # everything bright in view is target, which over-segments full slices at inference.
 # Each model's card (Resources/Models/<name>.json) records this command and its sha256.
 # One torch thread each by default: CPU results depend on the thread count, so this reproduces the
-# shipped weights bit for bit. THREADS=2 trains the brain model faster (BENCHMARKS section 4), not bit-identically.
+# shipped weights bit for bit. THREADS=2 trains the brain model in 35-40 min, not bit-identically, and
+# its two-thread runs so far gave models short of the shipped one's margins (BENCHMARKS section 4).
 set -euo pipefail
 PY=${PYTHON:-python}
 DATA=${OAIMS_DATA:-../shared/data}
