@@ -93,3 +93,14 @@ def test_pretrain_command_records_the_adaptation_lr_and_refuses_bad_options(tmp_
     model = load_model(tmp_path / "m.pt")
     assert model.card.adaptation_lr == 1e-4 and model.card.training["intensity_remap"] == 0.5
     assert InteractiveSession(model, "pi+mi").optimizer.param_groups[0]["lr"] == 1e-4
+
+
+def test_bf16_training_is_seeded_recorded_and_keeps_float32_weights(tmp_path):
+    samples = synthetic_samples(6, "source", seed=0, size=48)
+    first = pretrain(tiny_card(), samples, tmp_path / "a.pt", _config(bf16=True), resume=False)
+    again = pretrain(tiny_card(), samples, tmp_path / "b.pt", _config(bf16=True), resume=False)
+    full = pretrain(tiny_card(), samples, tmp_path / "c.pt", _config(), resume=False)
+    assert first.sha256 == again.sha256 != full.sha256
+    assert first.training["bf16"] is True and full.training["bf16"] is False
+    state = torch.load(tmp_path / "a.pt", map_location="cpu", weights_only=True)
+    assert {tensor.dtype for tensor in state.values()} == {torch.float32}
