@@ -438,10 +438,14 @@ class InteractiveSession:
             self._update_teacher()
         return value
 
+    def _mi_initial_labels(self) -> torch.Tensor:
+        """Hard labels ``(Hp, Wp)`` of P_t^initial: the prediction with every click, no gradient."""
+        with torch.no_grad():
+            return hard_labels(self._predict(self._wclicks))[0]
+
     def _mi_loss_oaims(self, click: Click) -> torch.Tensor:
         """Algorithm 1, lines 17-18: pseudo label P_t^initial (no gradient) supervises P_{t-1}."""
-        with torch.no_grad():
-            pseudo_label = hard_labels(self._predict(self._wclicks))[0]
+        pseudo_label = self._mi_initial_labels()
         if self.config.mi_click_label:
             pseudo_label = stamp_clicks(pseudo_label, [click], self.config.sigma)
         previous = self._train_logits(self._wclicks[:-1])

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 import OAIMSSegment.evaluate as evaluate
-from OAIMSSegment.clicks import Click
 from OAIMSSegment.data import NnUNetDataset
 from OAIMSSegment.losses import click_weight_map
-from OAIMSSegment.model import hard_labels, load_model
+from OAIMSSegment.model import load_model
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
 
 RECORDS: dict[str, dict[int, list[float]]] = {"obeys": defaultdict(list), "ccg_share": defaultdict(list)}
@@ -35,16 +34,16 @@ RECORDS: dict[str, dict[int, list[float]]] = {"obeys": defaultdict(list), "ccg_s
 class RecordingSession(InteractiveSession):
     """An :class:`InteractiveSession` that records what its MI pseudo labels say at the click."""
 
-    def _mi_loss_oaims(self, click: Click) -> torch.Tensor:
-        with torch.no_grad():
-            pseudo_label = hard_labels(self._predict(self._wclicks))[0]
+    def _mi_initial_labels(self) -> torch.Tensor:
+        pseudo_label = super()._mi_initial_labels()
+        click = self._wclicks[-1]
         t = len(self._wclicks)
         RECORDS["obeys"][t].append(float(pseudo_label[click.position] == click.label))
         sigma = self.config.sigma
         limited = click_weight_map([click], pseudo_label, sigma, class_limited=True).sum()
         window = click_weight_map([click], pseudo_label, sigma, class_limited=False).sum()
         RECORDS["ccg_share"][t].append(float(limited / window))
-        return super()._mi_loss_oaims(click)
+        return pseudo_label
 
 
 def main() -> None:
