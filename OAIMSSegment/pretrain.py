@@ -141,7 +141,7 @@ def _batch(items: list[TrainItem], config: PretrainConfig, rng: np.random.Genera
 
 def _autocast(config: PretrainConfig) -> torch.autocast:
     """bfloat16 mixed precision for the U-Net's passes when ``config.bf16`` (weights, optimizer
-    and losses stay float32). About 1.5x faster per step on CPUs with AVX512-BF16."""
+    and losses stay float32). 1.5x faster per step on the AVX512-BF16 CPU of docs/BENCHMARKS.md section 4."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
 
 

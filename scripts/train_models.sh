@@ -13,7 +13,7 @@ set -euo pipefail
 PY=${PYTHON:-python}
 DATA=${OAIMS_DATA:-../shared/data}
 THREADS=${THREADS:-1}
-BF16=${BF16:+--bf16}
+[ "${BF16:-0}" = 0 ] && BF16= || BF16=--bf16  # BF16=0 or unset: float32
 models=("$@"); [ ${#models[@]} -eq 0 ] && models=(demo brain fundus)
 for m in "${models[@]}"; do
   case "$m" in
