@@ -19,6 +19,9 @@ sweep_lr() {  # sweep_lr NAME METHODS: the adaptation learning-rate sweep on HEL
     ev "sweep/$1-lr-$lr" "${HELD_OUT[@]}" --methods "$2" --clicks 5 --lr "$lr"
   done
 }
+tuned() {  # tuned NAME DATASET METHODS LR: a table row (10 clicks, 3 seeds) at a method's own rate
+  ev "$1-tuned-lr-$4" "${BRAIN[@]}" --dataset "$DATA/$2" --methods "$3" --clicks 10 --seeds 3 --lr "$4"
+}
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(brain fundus)
 for part in "${parts[@]}"; do
   case "$part" in
@@ -28,10 +31,10 @@ for part in "${parts[@]}"; do
     sweep-baselines)  # the same sweep for the baselines (the tables run them at PI+MI's default rate)
       sweep_lr brain-t1-tr-baselines ia+sa,tsca,ce-pi,ent-pi ;;
     brain-tuned)  # T1 test rows with each method at its best rate in the sweeps above (5 clicks); ia+sa's is the default (brain-t1)
-      ev brain-t1-tuned-lr-1e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods pi+mi --clicks 10 --seeds 3 --lr 1e-4
-      ev brain-t1-tuned-lr-3e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods tsca,ent-pi --clicks 10 --seeds 3 --lr 3e-4
-      ev brain-t1-tuned-lr-1e-3 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods ce-pi --clicks 10 --seeds 3 --lr 1e-3
-      ev brain-flair-control-tuned-lr-1e-4 "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods pi+mi --clicks 10 --seeds 3 --lr 1e-4 ;;
+      tuned brain-t1 Dataset002_BraTS18_T1 pi+mi 1e-4
+      tuned brain-t1 Dataset002_BraTS18_T1 tsca,ent-pi 3e-4
+      tuned brain-t1 Dataset002_BraTS18_T1 ce-pi 1e-3
+      tuned brain-flair-control Dataset001_BraTS18_FLAIR pi+mi 1e-4 ;;
     brain)
       ev brain-t1 "${BRAIN[@]}" --dataset "$DATA/Dataset002_BraTS18_T1" --methods "$BASELINES" --clicks 10 --seeds 3
       ev brain-flair-control "${BRAIN[@]}" --dataset "$DATA/Dataset001_BraTS18_FLAIR" --methods frozen,pi,pi+mi --clicks 10 --seeds 3 ;;
