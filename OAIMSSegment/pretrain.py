@@ -59,6 +59,7 @@ class PretrainConfig:
     iterative: int = 0
     intensity_remap: float = 0.0
     bf16: bool = False
+    average_last: float = 0.0
 
 
 def to_working(model: ClickSegmenter, samples: list[Sample]) -> list[TrainItem]:
@@ -216,6 +217,10 @@ def pretrain(
     if init is not None:
         model.load_state_dict(init.state_dict())
     items = to_working(model, samples)
+    # Stochastic weight averaging (SWA): the saved weights are the uniform mean of the weights after
+    # each of the last ``average_last`` fraction of steps; flatter minima generalise better under shift.
+    average_from = config.steps - max(1, round(config.average_last * config.steps)) if config.average_last else None
+    averaged = torch.optim.swa_utils.AveragedModel(model) if average_from is not None else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
     dice_focal = DiceFocal(binary=card.binary, alpha=config.alpha)
@@ -224,6 +229,8 @@ def pretrain(
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
+        if averaged is not None and "averaged" in state:
+            averaged.load_state_dict(state["averaged"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
@@ -238,6 +245,8 @@ def pretrain(
                 raise ModelError(f"training diverged at step {step} (loss {loss}); lower --lr")
             scheduler.step()
             step += 1
+            if averaged is not None and step > average_from:
+                averaged.update_parameters(model)
             losses.append(loss)
             progress.update(1)
             progress.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
@@ -247,13 +256,16 @@ def pretrain(
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": step,
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    **({"averaged": averaged.state_dict()} if averaged is not None else {}),
                 }, buffer)
                 atomic_write_bytes(checkpoint, buffer.getvalue())
+    if averaged is not None:
+        model = averaged.module
     model.eval()
     training = {
         **card.training,
         "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "crop": config.crop,
-        "max_clicks": config.max_clicks, "iterative": config.iterative, "intensity_remap": config.intensity_remap, "bf16": config.bf16, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
+        "max_clicks": config.max_clicks, "iterative": config.iterative, "intensity_remap": config.intensity_remap, "bf16": config.bf16, "average_last": config.average_last, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
         "samples": len(samples), "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "wall_s_last_run": round(time.time() - started, 1),
     }
@@ -284,6 +296,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="probability of a random monotone intensity curve per training image (0: off)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 mixed precision for training's forward/backward passes (faster on CPUs with AVX512-BF16)")
+    parser.add_argument("--average-last", type=float, default=0.0, metavar="F",
+                        help="save the mean of the weights over the last fraction F of steps (stochastic weight averaging; 0: off)")
     parser.add_argument("--adaptation-lr", type=float,
                         help="online-adaptation learning rate to record in the card (chosen by a held-out sweep)")
     parser.add_argument("--init", help="start from this model's weights (name or path) instead of a random initialisation")
@@ -298,6 +312,8 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 0.0 <= args.intensity_remap <= 1.0:
         raise ModelError(f"--intensity-remap is a probability in [0, 1], got {args.intensity_remap}")
+    if not 0.0 <= args.average_last <= 1.0:
+        raise ModelError(f"--average-last is a fraction of the steps in [0, 1], got {args.average_last}")
     name = args.name or Path(args.out).stem
     channels = [int(c) for c in args.channels.split(",")]
     network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2, "norm": "instance"}
@@ -323,7 +339,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             crop=args.crop or None, seed=args.seed, iterative=args.iterative,
-                            intensity_remap=args.intensity_remap, bf16=args.bf16)
+                            intensity_remap=args.intensity_remap, bf16=args.bf16, average_last=args.average_last)
     init = None
     if args.init:
         init = load_model(args.init)

@@ -85,7 +85,8 @@ def test_pretrain_command_records_the_adaptation_lr_and_refuses_bad_options(tmp_
 
     base = ["pretrain", "--dataset", "synthetic", "--synthetic-n", "4", "--steps", "1", "--batch-size", "2",
             "--channels", "8,16,32", "--no-resume"]
-    for option, message in ((["--intensity-remap", "2"], "--intensity-remap"), (["--adaptation-lr", "7"], "adaptation_lr")):
+    for option, message in ((["--intensity-remap", "2"], "--intensity-remap"), (["--adaptation-lr", "7"], "adaptation_lr"),
+                            (["--average-last", "1.5"], "--average-last")):
         assert main([*base, "--out", str(tmp_path / "bad.pt"), *option]) == 2
         assert message in capsys.readouterr().err
         assert not list(tmp_path.iterdir())
@@ -104,3 +105,42 @@ def test_bf16_training_is_seeded_recorded_and_keeps_float32_weights(tmp_path):
     assert first.training["bf16"] is True and full.training["bf16"] is False
     state = torch.load(tmp_path / "a.pt", map_location="cpu", weights_only=True)
     assert {tensor.dtype for tensor in state.values()} == {torch.float32}
+
+
+def test_weight_averaging_saves_the_mean_of_the_last_steps_and_survives_a_resume(tmp_path, monkeypatch):
+    samples = synthetic_samples(6, "source", seed=0, size=48)
+    real_step, snapshots = pretraining.train_step, []
+
+    def recording(model, *args, **kwargs):
+        loss = real_step(model, *args, **kwargs)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return loss
+
+    monkeypatch.setattr(pretraining, "train_step", recording)
+    averaged = pretrain(tiny_card(), samples, tmp_path / "avg.pt", _config(average_last=0.5), resume=False)
+    monkeypatch.setattr(pretraining, "train_step", real_step)
+    saved = torch.load(tmp_path / "avg.pt", map_location="cpu", weights_only=True)
+    last_final = torch.load(tmp_path / "avg.ckpt", map_location="cpu", weights_only=True)["model"]
+    assert len(snapshots) == 6 and averaged.training["average_last"] == 0.5
+    for name, value in saved.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, torch.stack([s[name] for s in snapshots[3:]]).mean(0))
+    assert any(not torch.equal(saved[k], last_final[k]) for k in saved)
+
+    # Interrupted in step 6, its last checkpoint (step 4) holds a partial average: resuming from it
+    # saves the weights of an uninterrupted run.
+    config = _config(average_last=0.5, checkpoint_every=2)
+    whole = pretrain(tiny_card(), samples, tmp_path / "whole.pt", config, resume=False)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_card(), samples, tmp_path / "resumed.pt", config, resume=True)
+    monkeypatch.setattr(pretraining, "train_step", real_step)
+    assert pretrain(tiny_card(), samples, tmp_path / "resumed.pt", config, resume=True).sha256 == whole.sha256
