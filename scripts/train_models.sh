@@ -5,23 +5,22 @@
 # everything bright in view is target, which over-segments full slices at inference.
 # Each model's card (Resources/Models/<name>.json) records this command and its sha256.
 # One torch thread each by default: CPU results depend on the thread count, so this reproduces the
-# shipped weights bit for bit. THREADS=2 trains the brain model in 35-40 min, not bit-identically, and
-# its two-thread runs so far gave models short of the shipped one's margins (BENCHMARKS section 4).
-# BF16=1 trains in bfloat16 mixed precision (--bf16): the brain model in about 43 min on one thread,
-# a different model that misses two of issue 3's margins by a little (BENCHMARKS section 4).
+# shipped weights bit for bit. The brain model trains in bfloat16 mixed precision (--bf16: 1.5x faster
+# on this AVX512-BF16 CPU, 43 min); BF16=0 trains the same recipe in float32 (63 min, a different
+# model; BENCHMARKS section 4 compares eight training runs of the recipe).
 set -euo pipefail
 PY=${PYTHON:-python}
 DATA=${OAIMS_DATA:-../shared/data}
 THREADS=${THREADS:-1}
-[ "${BF16:-0}" = 0 ] && BF16= || BF16=--bf16  # BF16=0 or unset: float32
+[ "${BF16:-1}" = 0 ] && BF16= || BF16=--bf16  # BF16=0: float32
 models=("$@"); [ ${#models[@]} -eq 0 ] && models=(demo brain fundus)
 for m in "${models[@]}"; do
   case "$m" in
     demo) $PY -m OAIMSSegment pretrain --dataset synthetic --synthetic-n 400 --out Resources/Models/demo-synthetic-blobs.pt \
             --task "Synthetic blobs (demo model; trained on the synthetic source appearance)" \
             --channels 16,32,64,128 --steps 1000 --batch-size 8 --crop 0 --seed 0 --no-resume ;;
-    brain)  # two stages, ~63 min with one thread: 4,000 steps at 160 px (~33 min), then 1,500 steps at the
-            # native 240 px with random intensity curves (~30 min); inference-style click rounds (--iterative) in both
+    brain)  # two stages, 43 min with one thread: 4,000 steps at 160 px (24 min), then 1,500 steps at the
+            # native 240 px with random intensity curves (19 min); inference-style click rounds (--iterative) in both
       $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --working-size 160 --iterative 2 \
             --steps 4000 --batch-size 8 --crop 0 --seed 0 --no-resume --threads "$THREADS" $BF16 --name brain-lesion-flair \
             --task "Brain tumour (whole) on axial FLAIR MRI slices" --out runs/brain-lesion-flair-160.pt
