@@ -50,6 +50,24 @@ def _config(**overrides) -> PretrainConfig:
     return PretrainConfig(**settings)
 
 
+def _interrupted_then_resumed(monkeypatch, samples, out, config: PretrainConfig, steps_done: int):
+    """Run ``pretrain`` to ``out``, interrupt it after ``steps_done`` steps, then resume it to the end."""
+    real_step, calls = pretraining.train_step, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == steps_done:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_card(), samples, out, config, resume=True)
+    assert not out.exists() and out.with_suffix(".ckpt").exists()
+    monkeypatch.setattr(pretraining, "train_step", real_step)
+    return pretrain(tiny_card(), samples, out, config, resume=True)
+
+
 def test_pretraining_is_seeded_resumable_and_recorded_in_the_card(tmp_path, monkeypatch):
     samples = synthetic_samples(6, "source", seed=0, size=48)
     whole = pretrain(tiny_card(), samples, tmp_path / "whole.pt", _config(), resume=False)
@@ -58,20 +76,7 @@ def test_pretraining_is_seeded_resumable_and_recorded_in_the_card(tmp_path, monk
     assert card["sha256"] == whole.sha256
 
     # Interrupt a second run after its first checkpoint (step 3), then resume it.
-    real_step, calls = pretraining.train_step, []
-
-    def interrupted(*args, **kwargs):
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(pretraining, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_card(), samples, tmp_path / "resumed.pt", _config(), resume=True)
-    assert not (tmp_path / "resumed.pt").exists() and (tmp_path / "resumed.ckpt").exists()
-    monkeypatch.setattr(pretraining, "train_step", real_step)
-    resumed = pretrain(tiny_card(), samples, tmp_path / "resumed.pt", _config(), resume=True)
+    resumed = _interrupted_then_resumed(monkeypatch, samples, tmp_path / "resumed.pt", _config(), steps_done=4)
     assert resumed.sha256 == whole.sha256
 
     other = pretrain(tiny_card(), samples, tmp_path / "other.pt", _config(intensity_remap=0.0), resume=False)
@@ -131,16 +136,5 @@ def test_weight_averaging_saves_the_mean_of_the_last_steps_and_survives_a_resume
     # saves the weights of an uninterrupted run.
     config = _config(average_last=0.5, checkpoint_every=2)
     whole = pretrain(tiny_card(), samples, tmp_path / "whole.pt", config, resume=False)
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(pretraining, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_card(), samples, tmp_path / "resumed.pt", config, resume=True)
-    monkeypatch.setattr(pretraining, "train_step", real_step)
-    assert pretrain(tiny_card(), samples, tmp_path / "resumed.pt", config, resume=True).sha256 == whole.sha256
+    resumed = _interrupted_then_resumed(monkeypatch, samples, tmp_path / "resumed.pt", config, steps_done=5)
+    assert resumed.sha256 == whole.sha256
