@@ -218,7 +218,7 @@ def pretrain(
         model.load_state_dict(init.state_dict())
     items = to_working(model, samples)
     # Stochastic weight averaging (SWA): the saved weights are the uniform mean of the weights after
-    # each of the last ``average_last`` fraction of steps; flatter minima generalise better under shift.
+    # each of the last ``average_last`` fraction of steps (flatter minima; docs/ENGINE.md).
     average_from = config.steps - max(1, round(config.average_last * config.steps)) if config.average_last else None
     averaged = torch.optim.swa_utils.AveragedModel(model) if average_from is not None else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)

@@ -7,7 +7,7 @@
 # One torch thread each by default: CPU results depend on the thread count, so this reproduces the
 # shipped weights bit for bit. The brain model trains in bfloat16 mixed precision (--bf16: 1.5x faster
 # on this AVX512-BF16 CPU, 43 min); BF16=0 trains the same recipe in float32 (63 min, a different
-# model; BENCHMARKS section 4 compares eight training runs of the recipe).
+# model; BENCHMARKS section 4 compares seven training runs of the recipe).
 set -euo pipefail
 PY=${PYTHON:-python}
 DATA=${OAIMS_DATA:-../shared/data}
