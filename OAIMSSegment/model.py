@@ -28,8 +28,13 @@ from torch import nn
 from OAIMSSegment.clicks import Click, guidance_maps, validate_click
 from OAIMSSegment.errors import InvalidImageError, ModelError
 
-#: Shipped model cards and weights.
+#: Shipped model cards and weights (segmentation and proposal models).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+#: A card's ``"kind"``: a click-guided segmentation model (:class:`ModelCard`) or a proposal
+#: model (:mod:`OAIMSSegment.proposals`).
+SEGMENTER_KIND = "click-segmenter"
+PROPOSALS_KIND = "proposals"
 
 NORMALIZATIONS = ("zscore_nonzero", "zscore")
 
@@ -63,6 +68,7 @@ class ModelCard:
         adaptation_lr: Adam learning rate of online adaptation chosen for this model (by a
             sweep on data the benchmarks do not use, recorded in ``docs/BENCHMARKS.md``);
             None: the engine's default.
+        kind: always :data:`SEGMENTER_KIND` (tells this card from a proposal model's).
     """
 
     name: str
@@ -87,8 +93,11 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     adaptation_lr: float | None = None
+    kind: str = SEGMENTER_KIND
 
     def __post_init__(self) -> None:
+        if self.kind != SEGMENTER_KIND:
+            raise ModelError(f"model card {self.name!r}: kind must be {SEGMENTER_KIND!r}, got {self.kind!r}")
         if self.labels.get("background") != 0:
             raise ModelError(f"model card {self.name!r}: labels must map 'background' to 0, got {self.labels}")
         if sorted(self.labels.values()) != list(range(len(self.labels))):
@@ -122,8 +131,15 @@ class ModelCard:
     def from_json(cls, path: str | Path) -> "ModelCard":
         try:
             data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot read model card {path}: {error}") from error
+        if not isinstance(data, dict):
+            raise ModelError(f"cannot read model card {path}: not a JSON object")
+        if card_kind(data) != SEGMENTER_KIND:
+            raise ModelError(f"{path} is the card of a {card_kind(data)!r} model, not of a segmentation model")
+        try:
             return cls(**data)
-        except (OSError, ValueError, TypeError) as error:
+        except (ValueError, TypeError) as error:
             raise ModelError(f"cannot read model card {path}: {error}") from error
 
     def to_json(self, path: str | Path) -> None:
@@ -344,14 +360,27 @@ def save_model(model: ClickSegmenter, weights_path: str | Path, **card_updates: 
     return card
 
 
-def list_models(models_dir: str | Path = MODELS_DIR) -> list[ModelCard]:
-    """Cards of the segmentation models shipped in ``Resources/Models`` (proposal models excluded)."""
+def card_kind(card: dict[str, Any]) -> str:
+    """The kind of model a card describes: its ``"kind"``; a legacy card without one is a
+    segmentation model when it has ``image_channels`` and ``labels``, else a proposal model."""
+    if "kind" in card:
+        return str(card["kind"])
+    return SEGMENTER_KIND if "image_channels" in card and "labels" in card else PROPOSALS_KIND
+
+
+def shipped_cards(kind: str, models_dir: str | Path = MODELS_DIR) -> list[tuple[Path, dict[str, Any]]]:
+    """``(card path, card)`` of each model card of ``kind`` in ``models_dir``, sorted by file name."""
     cards = []
     for path in sorted(Path(models_dir).glob("*.json")):
-        data = json.loads(path.read_text())
-        if "image_channels" in data and "labels" in data:
-            cards.append(ModelCard.from_json(path))
+        card = json.loads(path.read_text())
+        if card_kind(card) == kind:
+            cards.append((path, card))
     return cards
+
+
+def list_models(models_dir: str | Path = MODELS_DIR) -> list[ModelCard]:
+    """Cards of the segmentation models shipped in ``Resources/Models`` (proposal models excluded)."""
+    return [ModelCard.from_json(path) for path, _ in shipped_cards(SEGMENTER_KIND, models_dir)]
 
 
 def load_model(name_or_path: str | Path, models_dir: str | Path = MODELS_DIR) -> ClickSegmenter:

@@ -13,8 +13,11 @@ import torch
 from scipy import ndimage
 
 from OAIMSSegment import proposals as P
-from OAIMSSegment import proposals_data as D
 from OAIMSSegment.errors import DatasetError, InvalidImageError, ModelError, OAIMSError
+from OAIMSSegment.files import sha256_file
+from OAIMSSegment.metrics import pairwise_dice
+from OAIMSSegment.model import card_kind, list_models, load_model
+from OAIMSSegment.proposals import data as D
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 DRISHTI = SHARED_DATA / "Dataset003_DrishtiGS"
@@ -227,7 +230,7 @@ def test_synthetic_data_is_seeded() -> None:
 def test_dice_helper_and_evaluation_on_a_perfect_oracle() -> None:
     pred = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool)
     target = np.array([[1, 0, 0, 0], [0, 0, 0, 0]], bool)
-    assert np.allclose(P._dice(pred, target), [[2 / 3, 0.0], [0.0, 1.0]])
+    assert np.allclose(pairwise_dice(pred, target), [[2 / 3, 0.0], [0.0, 1.0]])
     metrics = P.evaluate(P.ProposalModel(), D.make_disk_images(6, 32, np.random.default_rng(0)), n=6, k=2, seed=0)
     assert metrics["n_inputs"] == 6 and 0.0 <= metrics["empty_fraction"] <= 1.0
     assert metrics["added_foreground"] >= 0 and metrics["added_background"] >= 0
@@ -240,7 +243,7 @@ def test_dice_helper_and_evaluation_on_a_perfect_oracle() -> None:
 def test_shipped_card_matches_weights(name: str, size: int) -> None:
     card = json.loads((P.MODELS_DIR / f"{name}.json").read_text())
     weights = P.MODELS_DIR / card["weights"]
-    assert card["sha256"] == P.sha256_of(weights)
+    assert card["sha256"] == sha256_file(weights)
     assert weights.stat().st_size < 3 * 1024 * 1024
     for key in ("name", "task", "input_size", "training_command", "seed", "metrics"):
         assert key in card
@@ -267,6 +270,61 @@ def test_load_errors(tmp_path: Path) -> None:
         P.load_proposal_model(junk)
 
 
+# ----------------------------------------------------------------------------- model kinds
+
+
+def copy_model(name: str, folder: Path, drop_kind: bool = False, **changes: object) -> Path:
+    """Copy a shipped model's weights and card into ``folder``; optionally edit the card."""
+    card = json.loads((P.MODELS_DIR / f"{name}.json").read_text())
+    if drop_kind:
+        del card["kind"]
+    card.update(changes)
+    shutil.copy(P.MODELS_DIR / card["weights"], folder / card["weights"])
+    (folder / f"{name}.json").write_text(json.dumps(card))
+    return folder / card["weights"]
+
+
+def test_cards_say_their_kind_and_legacy_cards_keep_todays_rule(tmp_path: Path) -> None:
+    shipped = {path.stem: json.loads(path.read_text())["kind"] for path in P.MODELS_DIR.glob("*.json")}
+    assert {kind for name, kind in shipped.items() if name.startswith("proposals-")} == {"proposals"}
+    assert {kind for name, kind in shipped.items() if not name.startswith("proposals-")} == {"click-segmenter"}
+    assert [card.name for card in list_models()] == sorted(n for n in shipped if not n.startswith("proposals-"))
+    # cards without "kind" (written before it existed) are told apart by their keys, as before
+    copy_model("demo-synthetic-blobs", tmp_path, drop_kind=True)
+    legacy_weights = copy_model(SHIPPED, tmp_path, drop_kind=True)
+    assert card_kind(json.loads((tmp_path / f"{SHIPPED}.json").read_text())) == "proposals"
+    assert [card.name for card in list_models(tmp_path)] == ["demo-synthetic-blobs"]
+    assert load_model(tmp_path / "demo-synthetic-blobs.json").card.name == "demo-synthetic-blobs"
+    assert P.load_proposal_model(legacy_weights).config.input_size == 32
+    # an explicit kind wins over the keys
+    (tmp_path / "demo-synthetic-blobs.json").unlink()
+    copy_model("demo-synthetic-blobs", tmp_path, kind="proposals")
+    assert list_models(tmp_path) == []
+
+
+def test_each_loader_refuses_the_other_kind(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="'click-segmenter' model, not of a proposal model"):
+        P.load_proposal_model("demo-synthetic-blobs")
+    with pytest.raises(ModelError, match="'proposals' model, not of a segmentation model"):
+        load_model(SHIPPED)
+    weights = copy_model("demo-synthetic-blobs", tmp_path)
+    with pytest.raises(ModelError, match="not of a proposal model"):
+        P.load_proposal_model(weights)
+    card = tmp_path / "odd.json"
+    card.write_text(json.dumps({**json.loads((tmp_path / "demo-synthetic-blobs.json").read_text()), "kind": "other"}))
+    with pytest.raises(ModelError, match="'other' model"):
+        load_model(card)
+
+
+def test_save_writes_the_kind_atomically_and_the_card_holds_the_weights_sha(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "m.pt"
+    card = P.save_proposal_model(P.ProposalModel(), path, {"name": "m"})
+    assert card["kind"] == "proposals" and card["sha256"] == sha256_file(path)
+    assert json.loads(path.with_suffix(".json").read_text()) == card
+    assert not list(path.parent.glob("*.tmp")) and oct(path.stat().st_mode & 0o777) == "0o644"
+    assert P.load_proposal_model(path).card == card
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -282,7 +340,7 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
     argv = ["proposals-train", "--out", str(out), "--steps", "2", "--batch-size", "4", "--train-images", "8"]
     assert run_cli(argv) == 0
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["sha256"] == P.sha256_of(out) and "--steps 2" in card["training_command"]
+    assert card["sha256"] == sha256_file(out) and "--steps 2" in card["training_command"]
     report, figure = tmp_path / "eval.json", tmp_path / "fig.png"
     argv = ["proposals-eval", "--model", str(out), "--n", "4", "--k", "2", "--json", str(report), "--figure", str(figure), "--update-card"]
     assert run_cli(argv) == 0
@@ -321,6 +379,7 @@ def test_fundus_loader() -> None:
 def test_fundus_loader_rejects_a_non_dataset(tmp_path: Path) -> None:
     with pytest.raises(DatasetError):
         D.load_fundus_dataset(tmp_path, "Ts", 64)
-    (tmp_path / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    meta = {"channel_names": {"0": "FLAIR"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match="2D PNG"):
         D.load_fundus_dataset(tmp_path, "Ts", 64)

@@ -645,9 +645,10 @@ def cmake_files() -> tuple[set[str], set[str]]:
 def test_every_cmake_file_exists_and_every_module_file_is_listed():
     listed, globbed = cmake_files()
     assert "OAIMSSegment.py" in listed and "OAIMSSegment/mrml.py" in globbed
+    assert "OAIMSSegment/proposals/__init__.py" in globbed  # the proposals sub-package is packaged too
     missing = sorted(f for f in listed if not (REPO / f).is_file())
     assert not missing, f"listed in CMakeLists.txt but missing: {missing}"
-    module_files = {"OAIMSSegment.py"} | {str(p.relative_to(REPO)) for p in (REPO / "OAIMSSegment").glob("*.py")}
+    module_files = {"OAIMSSegment.py"} | {str(p.relative_to(REPO)) for p in (REPO / "OAIMSSegment").rglob("*.py")}
     for pattern in ("Resources/UI/*", "Resources/Icons/*", "Resources/requirements.txt", "Resources/Models/*.json", "Resources/Models/*.pt"):
         module_files |= {str(p.relative_to(REPO)) for p in REPO.glob(pattern)}  # what the module loads at run time
     unlisted = sorted(module_files - listed - globbed)

@@ -1,6 +1,7 @@
 """Data for the probabilistic partial-segmentation model (Wong, Guttag, Dalca, NeurIPS 2022 workshop).
 
 Everything here is numpy and seeded through ``np.random.Generator``; nothing touches torch.
+:func:`load_images` picks the images of a ``--data`` argument (synthetic or a dataset folder).
 
 Synthetic disks (paper Section 3, "Data")
 -----------------------------------------
@@ -28,13 +29,13 @@ ground truths are the two nested structures a user may mean: the disc (rim + cup
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from OAIMSSegment.data import NnUNetDataset
 from OAIMSSegment.errors import DatasetError
 
 #: (min, max) disk radius in pixels, for a 32-pixel image; scaled with the image size.
@@ -47,6 +48,8 @@ INPUT_FRACTION = (0.0, 0.3)
 GROWTH_FRACTION = (0.03, 0.2)
 #: (min, max) Gaussian smoothing of the shape noise, in pixels of a 32-pixel image.
 SHAPE_SMOOTHING = (2.0, 4.0)
+#: Weights of R, G, B in the luminance of a colour image (ITU-R BT.601), in training and inference.
+LUMINANCE = np.array([0.299, 0.587, 0.114])
 
 
 @dataclass
@@ -190,18 +193,12 @@ def _resize(array: np.ndarray, size: int, order: int) -> np.ndarray:
     return ndimage.zoom(array, zoom, order=order, grid_mode=True, mode="grid-constant" if order == 0 else "nearest")
 
 
-def _read_png(path: Path) -> np.ndarray:
-    """A PNG as a numpy array ``(H, W)`` or ``(H, W, C)`` (SimpleITK: no extra imaging dependency)."""
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
 def load_fundus_dataset(root: Path, split: str, size: int) -> ImageSet:
     """A 2D nnU-Net raw dataset of RGB PNGs with labels 0 / 1 / 2 (e.g. Drishti-GS), resized.
 
     Args:
-        root: the dataset folder holding ``dataset.json``, ``imagesTr``/``labelsTr``, ``imagesTs``/``labelsTs``.
+        root: the dataset folder holding ``dataset.json``, ``imagesTr``/``labelsTr``, ``imagesTs``/``labelsTs``
+            (read by :class:`OAIMSSegment.data.NnUNetDataset`).
         split: ``"Tr"`` or ``"Ts"``.
         size: side of the square model input; images are resized linearly, labels nearest.
 
@@ -213,34 +210,36 @@ def load_fundus_dataset(root: Path, split: str, size: int) -> ImageSet:
         DatasetError: missing folders or ``dataset.json``, non-PNG data, unreadable files,
             labels other than 0 / 1 / 2, or no image pairs.
     """
-    root = Path(root)
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
-        raise DatasetError(f"{root} has no dataset.json (expected an nnU-Net raw dataset folder)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DatasetError(f"cannot read {meta_path}: {error}") from error
-    if meta.get("file_ending") != ".png":
-        raise DatasetError(f"{root}: proposals need 2D PNG data, dataset.json says file_ending={meta.get('file_ending')!r}")
-    image_dir, label_dir = root / f"images{split}", root / f"labels{split}"
-    if not image_dir.is_dir() or not label_dir.is_dir():
-        raise DatasetError(f"{root} lacks images{split}/ or labels{split}/")
+    dataset = NnUNetDataset(root)
+    if dataset.file_ending != ".png":
+        raise DatasetError(f"{dataset.root}: proposals need 2D PNG data, dataset.json says file_ending={dataset.file_ending!r}")
     images, objects = [], []
-    for label_path in sorted(label_dir.glob("*.png")):
-        image_path = image_dir / f"{label_path.stem}_0000.png"
-        if not image_path.is_file():
-            raise DatasetError(f"{label_path.name} has no image {image_path.name} in {image_dir}")
-        try:
-            rgb, label = _read_png(image_path).astype(np.float64), _read_png(label_path)
-        except RuntimeError as error:
-            raise DatasetError(f"cannot read {image_path.name} / {label_path.name}: {error}") from error
+    for case in dataset.cases(split):
+        image, label = dataset.load_case(case, split)
         if label.ndim != 2 or not set(np.unique(label)).issubset({0, 1, 2}):
-            raise DatasetError(f"{label_path.name}: expected a 2D label map with values 0 / 1 / 2")
-        grey = rgb[..., :3] @ np.array([0.299, 0.587, 0.114]) if rgb.ndim == 3 else rgb
+            raise DatasetError(f"{case}: expected a 2D label map with values 0 / 1 / 2")
+        # (C, H, W) -> (H, W, C) float64, the array the luminance weights were applied to before
+        pixels = np.ascontiguousarray(np.moveaxis(image, 0, -1)).astype(np.float64)
+        grey = pixels[..., :3] @ LUMINANCE if pixels.shape[-1] >= 3 else pixels[..., 0]
         images.append(normalise_image(_resize(grey, size, order=1)))
         small = _resize(label, size, order=0)
         objects.append(np.stack([small >= 1, small == 2]))
-    if not images:
-        raise DatasetError(f"{label_dir} holds no PNG labels")
     return ImageSet(images=np.stack(images).astype(np.float32), objects=np.stack(objects), subsets=False)
+
+
+def load_images(data: str, split: str, size: int, n: int, seed: int) -> ImageSet:
+    """Images for ``--data``: ``"synthetic"`` (``n`` disk images, seeded) or a dataset folder.
+
+    Training and evaluation draw disk images from different seed streams (``split`` "Tr"
+    or "Ts"), so evaluation images are held out.
+
+    Raises:
+        DatasetError: a folder that is not a readable 2D nnU-Net dataset.
+    """
+    if data == "synthetic":
+        stream = {"Tr": 0, "Ts": 1}[split]
+        return make_disk_images(n, size, np.random.default_rng([seed, stream]))
+    root = Path(data)
+    if not root.is_dir():
+        raise DatasetError(f"--data must be 'synthetic' or a dataset folder; {root} is not a folder")
+    return load_fundus_dataset(root, split, size)

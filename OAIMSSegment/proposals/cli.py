@@ -1,0 +1,128 @@
+"""The ``proposals-train`` and ``proposals-eval`` commands (registered by :func:`add_commands`)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from OAIMSSegment.errors import ModelError
+from OAIMSSegment.files import atomic_write_text
+from OAIMSSegment.proposals.data import load_images
+from OAIMSSegment.proposals.figure import proposal_figure
+from OAIMSSegment.proposals.io import load_proposal_model, model_files, read_card, save_proposal_model, write_card
+from OAIMSSegment.proposals.metrics import evaluate
+from OAIMSSegment.proposals.model import ProposalConfig
+from OAIMSSegment.proposals.train import train
+
+__all__ = ["add_commands"]
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse then reports bad values as ``error: ...``, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    """``proposals-train``: train, then write MODEL.pt and its card MODEL.json."""
+    synthetic = args.data == "synthetic"
+    size = args.size or (32 if synthetic else 64)
+    if size % 8:
+        raise ModelError(f"--size must be a multiple of 8, got {size}")
+    torch.set_num_threads(args.threads)
+    images = load_images(args.data, "Tr", size, args.train_images, args.seed)
+    started = time.time()
+    config = ProposalConfig(input_size=size)
+    model, log = train(images, args.steps, args.seed, args.batch_size, args.lr, not synthetic, config, args.growth)
+    command = (
+        f"python -m OAIMSSegment proposals-train --out {args.out} --data {args.data} --steps {args.steps}"
+        f" --seed {args.seed} --batch-size {args.batch_size} --lr {args.lr} --size {size} --growth {args.growth}"
+        + (f" --train-images {args.train_images}" if synthetic else "")
+    )
+    card = {
+        "name": Path(args.out).stem,
+        "task": "probabilistic partial-segmentation proposals (Wong, Guttag, Dalca 2022), conditional VAE",
+        "data": "synthetic disks, paper Section 3" if synthetic else f"{Path(args.data).name} imagesTr (luminance), disc or cup",
+        "input_size": [size, size],
+        "input": "image normalised to [0, 1] (percentiles 0.5 / 99.5), partialness mask x_m, segmentation mask x_s",
+        "output": "partialness mask y^_m >= x_m, segmentation mask y^_s (= x_s on x_m, inside y^_m)",
+        "training_command": command,
+        "seed": args.seed,
+        "growth": args.growth,
+        "steps": args.steps,
+        "train_images": int(images.images.shape[0]),
+        "train_seconds": round(time.time() - started, 1),
+        "final_loss": log[-1],
+        "torch": torch.__version__,
+        "created": datetime.date.today().isoformat(),
+    }
+    card = save_proposal_model(model, Path(args.out), card)
+    print(f"wrote {args.out} (sha256 {card['sha256'][:12]}...) and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    """``proposals-eval``: the paper's metrics on held-out inputs; optional JSON, figure and card update."""
+    torch.set_num_threads(args.threads)
+    model = load_proposal_model(args.model)
+    size = model.config.input_size
+    images = load_images(args.data, "Ts", size, args.n, args.seed)
+    started = time.time()
+    metrics = evaluate(model, images, args.n, args.k, args.seed, growth=model.card.get("growth", "random"))
+    metrics["seconds"] = round(time.time() - started, 1)
+    metrics["command"] = (
+        f"python -m OAIMSSegment proposals-eval --model {args.model} --data {args.data} --n {args.n} --k {args.k} --seed {args.seed}"
+    )
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
+    if args.figure:
+        proposal_figure(model, images, Path(args.figure), args.seed)
+    if args.update_card:
+        _, card_path = model_files(args.model)
+        if card_path is None:
+            raise ModelError(f"{args.model} has no model card to update")
+        card = read_card(card_path)
+        card.setdefault("metrics", {})[args.data if args.data == "synthetic" else Path(args.data).name] = metrics
+        write_card(card_path, card)
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``proposals-train`` and ``proposals-eval``; each parser's ``func`` returns an exit code."""
+    train_parser = subparsers.add_parser("proposals-train", help="train the probabilistic partial-segmentation model")
+    train_parser.add_argument("--out", required=True, help="weights file MODEL.pt (its card goes to MODEL.json)")
+    train_parser.add_argument("--data", default="synthetic", help="'synthetic' (paper's disks) or a 2D nnU-Net dataset folder")
+    train_parser.add_argument("--steps", type=_positive_int, default=3000)
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--batch-size", type=_positive_int, default=64)
+    train_parser.add_argument("--lr", type=float, default=1e-3)
+    train_parser.add_argument("--size", type=int, default=0, help="model input side (default 32 synthetic, 64 dataset)")
+    train_parser.add_argument("--train-images", type=_positive_int, default=1000, help="synthetic training images (paper: 1,000)")
+    train_parser.add_argument(
+        "--growth", choices=("random", "border"), default="random", help="target growth: 'random' (paper) or at the border of x_m"
+    )
+    train_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    train_parser.set_defaults(func=_train_command)
+
+    eval_parser = subparsers.add_parser("proposals-eval", help="evaluate proposals on held-out inputs (paper Section 3)")
+    eval_parser.add_argument("--model", default="proposals-synthetic-disks", help="shipped model name or MODEL.pt")
+    eval_parser.add_argument("--data", default="synthetic", help="'synthetic' or a 2D nnU-Net dataset folder (its imagesTs)")
+    eval_parser.add_argument("--n", type=_positive_int, default=1000, help="held-out inputs (paper: 1,000)")
+    eval_parser.add_argument("--k", type=_positive_int, default=3, help="proposals per input")
+    eval_parser.add_argument("--seed", type=int, default=0)
+    eval_parser.add_argument("--json", help="write the metrics to OUT.json")
+    eval_parser.add_argument("--figure", help="write a Figure-3-like PNG")
+    eval_parser.add_argument("--update-card", action="store_true", help="record the metrics in the model card")
+    eval_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    eval_parser.set_defaults(func=_eval_command)
