@@ -363,6 +363,41 @@ def write_slice_mask(
             raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
 
 
+@dataclass(frozen=True)
+class SegmentedSlice:
+    """One slice being segmented: where it is, its image and what its segments held before the
+    first click, so that results can be written there and the slice put back as it was.
+
+    Attributes:
+        image: the slice's intensities, channels first ``(C, H, W)`` (:func:`extract_slice`).
+        before: ``{class index: bool (H, W)}``, each class segment on the slice when it was read.
+    """
+
+    volume_node: "slicer.vtkMRMLVolumeNode"
+    segmentation_node: "slicer.vtkMRMLSegmentationNode"
+    class_segments: Mapping[int, str]
+    location: SliceLocation
+    image: np.ndarray
+    before: Mapping[int, np.ndarray]
+
+    @classmethod
+    def read(cls, volume_node, segmentation_node, class_segments: Mapping[int, str], location: SliceLocation) -> "SegmentedSlice":
+        """Read the slice at ``location`` and what ``class_segments`` hold there."""
+        before = {index: read_slice_mask(segmentation_node, segment_id, volume_node, location)
+                  for index, segment_id in class_segments.items()}
+        image = extract_slice(volume_node, location)
+        return cls(volume_node, segmentation_node, dict(class_segments), location, image, before)
+
+    def write(self, mask: np.ndarray, class_segments: "Mapping[int, str] | None" = None) -> None:
+        """:func:`write_slice_mask` on this slice (into ``class_segments``, default the class segments)."""
+        write_slice_mask(self.segmentation_node, self.volume_node, self.location, mask, class_segments or self.class_segments)
+
+    def restore(self) -> None:
+        """Put back what the class segments held on this slice when it was read."""
+        for index, segment_id in self.class_segments.items():
+            self.write(self.before[index].astype(np.uint8), {1: segment_id})
+
+
 def closest_slice_node(scene: "slicer.vtkMRMLScene", ras: "np.ndarray | list[float]") -> "slicer.vtkMRMLSliceNode | None":
     """The slice node whose plane passes closest to a world-RAS point (the view a point was placed in)."""
     point = np.append(np.asarray(ras, dtype=float)[:3], 1.0)
