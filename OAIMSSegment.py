@@ -49,11 +49,6 @@ DEFAULT_PROPOSAL_MODEL = "proposals-synthetic-disks"
 PROPOSAL_SEGMENT_PREFIX = "OAIMS proposal"
 
 
-#
-# Module
-#
-
-
 class OAIMSSegment(ScriptedLoadableModule):
     """Module description shown by Slicer."""
 
@@ -64,24 +59,18 @@ class OAIMSSegment(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["OAIMSSegment developers"]
         self.parent.helpText = (
-            "Interactive segmentation that learns from your clicks. Place foreground and background "
-            "points in any slice view: the slice through each point is segmented by a click-guided "
-            "U-Net, which adapts after every click (Mid-Interaction adaptation, MI) and when you accept "
-            "the segment (Post-Interaction adaptation, PI). Adapted weights are saved per site, so the "
-            "model keeps improving on your scanner and protocol. "
+            "Interactive segmentation that learns from your clicks. Place foreground and background points in any "
+            "slice view: the slice through each point is segmented by a click-guided U-Net, which adapts after every "
+            "click (Mid-Interaction adaptation, MI) and when you accept the segment (Post-Interaction adaptation, PI). "
+            "Adapted weights are saved per site, so the model keeps improving on your scanner and protocol. "
             "See docs/SLICER.md in the extension's repository."
         )
         self.parent.acknowledgementText = (
-            "Method: W. Xu, Z. Liang, H. Anthony, Y. Ibrahim, F. Cohen, G. Yang, K. Kamnitsas, "
-            "'You Point, I Learn: Online Adaptation of Interactive Segmentation Models for Handling "
-            "Distribution Shifts in Medical Imaging' (OAIMS). Next-step proposals: H. E. Wong, "
-            "J. V. Guttag, A. V. Dalca, 'Probabilistic Interactive Segmentation for Medical Images'."
+            "Method: W. Xu, Z. Liang, H. Anthony, Y. Ibrahim, F. Cohen, G. Yang, K. Kamnitsas, 'You Point, I Learn: "
+            "Online Adaptation of Interactive Segmentation Models for Handling Distribution Shifts in Medical Imaging' "
+            "(OAIMS). Next-step proposals: H. E. Wong, J. V. Guttag, A. V. Dalca, 'Probabilistic Interactive "
+            "Segmentation for Medical Images'."
         )
-
-
-#
-# Logic
-#
 
 
 @dataclass
@@ -104,17 +93,8 @@ class Job:
 
 
 class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
-    """All behaviour of the module, usable without a GUI::
-
-        logic = OAIMSSegmentLogic()
-        logic.setModel("brain-lesion-flair")
-        logic.setSite("radiology-3T")
-        logic.startSegment(volumeNode, segmentationNode, segmentId)
-        logic.addClick([12.0, -30.5, 4.0], positive=True, sliceOrientation="Axial")
-        logic.accept()
-
-    Everything about the site (versions, accept, rollback, export...) is the engine's
-    :class:`~OAIMSSegment.site_session.SiteSession`; this class reads and writes MRML.
+    """All behaviour of the module, usable without a GUI (docs/SLICER.md, "Scripting API"). Everything
+    about the site (versions, accept, rollback, export...) is the engine's SiteSession; this reads and writes MRML.
 
     Threading: each action is a :class:`Job`, so that a GUI can run :meth:`compute` on a worker.
     What is open (volume, segmentation, segments, the slice, the clicks on it) is main-thread
@@ -136,18 +116,17 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.activeClass = 1
         self.proposalModelName = DEFAULT_PROPOSAL_MODEL
         self._site = None  # SiteSession: the model, its interactive session and the site's versions
-        self._nextSteps = None  # NextSteps: proposals for the open image, and the one picked
+        self._nextSteps = None  # NextSteps (with the model): proposals for the open image, and the one picked
         self._settingsChanged = False
-        # What is open: main thread only, updated when a job is queued.
-        self._volumeNode = None
-        self._segmentationNode = None
+        # What is open: main thread only, updated when a job is queued. Read-only outside the Logic:
+        self.volumeNode = None  # the volume being segmented (None before startSegment)
+        self.segmentationNode = None  # the segmentation being written
         self._classSegments: dict[int, str] = {}
         self._open: Optional[mrml.SegmentedSlice] = None  # the image being segmented
         self._clicks = 0  # clicks queued on it
         self._pending = 0  # jobs prepared and not yet applied
 
     # -- where things live, dependencies (OAIMSSegment/dependencies.py) ---------------------------
-
     @staticmethod
     def defaultStoreFolder() -> str:
         """``<Slicer settings folder>/OAIMSSegment/sites``: per user, beside Slicer's own settings."""
@@ -183,23 +162,12 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         dependencies.ensure_dependencies(self.missingDependencies(), confirm, self.installDependencies)
 
     # -- model, site, settings ----------------------------------------------------------------
-
     @staticmethod
     def availableModels() -> list:
         """Cards of the shipped models (``Resources/Models``)."""
         from OAIMSSegment.model import list_models
 
         return list_models()
-
-    @property
-    def volumeNode(self):
-        """The volume being segmented (None before :meth:`startSegment`)."""
-        return self._volumeNode
-
-    @property
-    def segmentationNode(self):
-        """The segmentation being written (None before :meth:`startSegment`)."""
-        return self._segmentationNode
 
     @property
     def session(self):
@@ -212,13 +180,12 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return self._site.session.card if self._site is not None else None
 
     def setModel(self, nameOrPath: str):
-        """Load a shipped model by name (or a model card / weights path) and open the site's version of it.
-
-        An image still open is discarded. The adaptation learning rate goes back to the new model
-        card's (a learning rate belongs to a model); MI/PI, sigma and beta are kept. Returns the card.
-        """
+        """Load a shipped model by name (or a model card / weights path), open the site's version of it and
+        return its card. An image still open is discarded. The adaptation learning rate goes back to
+        the card's (a learning rate belongs to a model); MI/PI, sigma and beta are kept."""
         self.setupPythonRequirements()
         from OAIMSSegment.model import load_model
+        from OAIMSSegment.next_steps import NextSteps
         from OAIMSSegment.session import InteractiveSession
         from OAIMSSegment.site_session import SiteSession
 
@@ -229,6 +196,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.modelName = str(nameOrPath)
         self._settingsChanged = True
         self._site = SiteSession(InteractiveSession(model, *self._takeSettings()), self.storeFolder, self.siteName)
+        self._nextSteps = NextSteps(self.proposalModelName)
         self.activeClass = 1
         return model.card
 
@@ -257,13 +225,10 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     def setAdaptation(self, mi: Optional[bool] = None, pi: Optional[bool] = None, sigma: Optional[float] = None,
                       beta: Optional[float] = None, lr: Optional[float] = None, clickLabel: Optional[bool] = None) -> None:
-        """Switch MI / PI and set the advanced parameters (CCG sigma and beta, learning rate).
-
-        ``clickLabel`` turns on our MI extension (off by default, as in the paper): each MI step's
-        pseudo label takes the clicked class within sigma of the click (``AdaptConfig.mi_click_label``;
-        docs/BENCHMARKS.md, section 9.1). Takes effect now, or, while an image is open or work is
-        queued, when the image is accepted or discarded (an image is adapted under one set of rules).
-        """
+        """Switch MI / PI and set CCG sigma and beta and the learning rate. ``clickLabel``: our MI extension
+        (off, as in the paper, by default): MI's pseudo label takes the clicked class within sigma of the
+        click (docs/BENCHMARKS.md, 9.1). Takes effect now or, while an image is open or work is queued,
+        when it is accepted or discarded (an image is adapted under one set of rules)."""
         if mi is not None:
             self.mi = bool(mi)
         if pi is not None:
@@ -311,7 +276,6 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
             raise SessionStateError(f"wait for the {self._pending} queued action(s) to finish")
 
     # -- site model (OAIMSSegment/site_session.py) -------------------------------------------------
-
     def siteModelInfo(self) -> dict:
         """The site model: site, model, method, storeFolder, version, imagesAdapted, versions (kept), problem."""
         if self._site is None:
@@ -321,42 +285,38 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return {"site": info.site, "model": info.model, "method": info.method, "storeFolder": info.store_folder,
                 "version": info.version, "imagesAdapted": info.images, "versions": info.versions, "problem": info.problem}
 
-    def _siteAction(self, action: Callable, *args):
+    def _siteAction(self, name: str, *args):
         self._requireSession()
         self._requireIdle()
         if self._open is not None:
             raise SessionStateError("accept or discard the current image first")
-        return action(*args)
+        return getattr(self._site, name)(*args)
 
     def resetSiteModel(self) -> dict:
         """Back to the pretrained model (stored versions are kept: roll back to undo). Returns the site info."""
-        self._siteAction(self._site.reset)
+        self._siteAction("reset")
         return self.siteModelInfo()
 
     def rollbackSiteModel(self, version: int) -> dict:
         """Make an earlier ``version`` current (0 = pretrained) and use its weights. Returns the site info."""
-        self._siteAction(self._site.rollback, int(version))
+        self._siteAction("rollback", int(version))
         return self.siteModelInfo()
 
     def exportSiteModel(self, path: str) -> str:
         """Write the site's current weights and history to one file (to share with another site)."""
-        return str(self._siteAction(self._site.export, path))
+        return str(self._siteAction("export", path))
 
     def importSiteModel(self, path: str) -> dict:
         """Import a file written by :meth:`exportSiteModel` as this site's new current version."""
-        self._siteAction(self._site.import_archive, path)
+        self._siteAction("import_archive", path)
         return self.siteModelInfo()
 
     # -- segments -----------------------------------------------------------------------------
-
     def startSegment(self, volumeNode, segmentationNode, segmentId: Optional[str] = None) -> dict[int, str]:
-        """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}``.
-
-        A binary model writes into ``segmentId`` (a new segment named after the class if None). A
-        multi-class model writes one segment per foreground class: ``segmentId`` takes class 1, the
-        others are found by class name or created. An image still open is accepted first (moving on
-        means it is done). Raises InvalidImageError when the volume does not fit the model.
-        """
+        """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}``: one
+        segment per foreground class, ``segmentId`` for class 1 if given, the others found by class name
+        or created. An image still open is accepted first (moving on means it is done). Raises
+        InvalidImageError when the volume does not fit the model."""
         session = self._requireSession()
         self._requireIdle()
         mrml.check_volume_for_model(volumeNode, session.card.image_channels, f"model '{session.card.name}'")
@@ -364,11 +324,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
             self.accept()
         self._closeImage()
         mrml.prepare_segmentation(segmentationNode, volumeNode)
-        classSegments = {}
-        for name, index in sorted(session.card.labels.items(), key=lambda item: item[1]):
-            if index:
-                classSegments[index] = segmentId if index == 1 and segmentId else mrml.ensure_segment(segmentationNode, name)
-        self._volumeNode, self._segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
+        classSegments = mrml.class_segments(segmentationNode, session.card.labels, segmentId)
+        self.volumeNode, self.segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
         return dict(classSegments)
 
     def _closeImage(self) -> None:
@@ -377,19 +334,18 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
             self.discard()
 
     # -- jobs: prepare (main thread) ------------------------------------------------------------
-
     def prepareClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                      label: Optional[int] = None) -> Job:
         """Main thread: locate a click and, when it opens a new image (no image open, or another
         slice), read that slice and what the segments hold there. See :meth:`addClick`."""
         self._requireSession()
-        if self._volumeNode is None:
+        if self.volumeNode is None:
             raise SessionStateError("choose a volume and segment first (startSegment)")
-        location = mrml.locate_click(self._volumeNode, rasPoint, sliceOrientation)
+        location = mrml.locate_click(self.volumeNode, rasPoint, sliceOrientation)
         job = Job("click", self._open, int(label) if label is not None else (self.activeClass if positive else 0), location)
         if self._open is None or not location.same_slice(self._open.location):
-            job.slice = mrml.SegmentedSlice.read(self._volumeNode, self._segmentationNode, self._classSegments, location)
-            job.newImage, job.acceptMask, job.settings = True, self._picked(), self._takeSettings()
+            job.slice = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
+            job.newImage, job.acceptMask, job.settings = True, self._nextSteps.picked, self._takeSettings()
             self._open, self._clicks = job.slice, 0
         self._clicks += 1
         return self._queue(job)
@@ -405,7 +361,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         """Main thread: queue accepting the open image (PI, new site version)."""
         if not self._clicks:
             raise SessionStateError("nothing to accept: click in a slice first")
-        return self._close(Job("accept", self._open, acceptMask=self._picked(), settings=self._takeSettings()))
+        return self._close(Job("accept", self._open, acceptMask=self._nextSteps.picked, settings=self._takeSettings()))
 
     def prepareDiscard(self) -> Job:
         """Main thread: queue dropping the open image and every update it caused."""
@@ -416,57 +372,35 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return self._queue(job)
 
     def _queue(self, job: Job) -> Job:
+        self._requireSession()
         self._pending += 1
-        if self._nextSteps is not None:
-            self._nextSteps.forget()  # a picked proposal is for the mask it was picked on
+        self._nextSteps.forget()  # a picked proposal is for the mask it was picked on
         return job
 
     # -- jobs: compute (worker; the engine only, no MRML) -------------------------------------------
-
     def compute(self, job: Job) -> Job:
         """Worker: run ``job`` in the engine. An error is kept in ``job.error`` for :meth:`apply` to raise."""
+        site, session = self._site, self._site.session
         try:
-            getattr(self, f"_compute{job.kind.capitalize()}")(job, self._site, self._site.session)
+            if job.kind == "click":
+                previous = site.start(job.slice.image, job.acceptMask, job.settings) if job.newImage else None
+                result, location = session.add_click(job.location.position, job.label), job.location
+                job.mask, job.report = result.mask, {
+                    "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
+                    "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
+                    "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(session.clicks),
+                    "foregroundPixels": int((result.mask > 0).sum()), "previousImage": previous and self._acceptReport(previous),
+                }
+            elif job.kind == "undo":
+                job.mask = session.undo()
+                job.report = {"clicks": len(session.clicks)}
+            elif job.kind == "accept":
+                job.report = self._acceptReport(site.close(True, job.acceptMask, job.settings))
+            else:
+                site.close(False, settings=job.settings)
         except Exception as error:  # raised again on the main thread by apply()
             job.error = error
         return job
-
-    def _computeClick(self, job: Job, site, session) -> None:
-        previous = None
-        if job.newImage:
-            if session.active and session.clicks:
-                previous = self._acceptReport(site.accept(job.acceptMask))
-            session.discard()
-            if job.settings:
-                session.reconfigure(*job.settings)
-            session.start(job.slice.image)
-        location = job.location
-        result = session.add_click(location.position, job.label)
-        job.mask = result.mask
-        job.report = {
-            "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
-            "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
-            "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(session.clicks),
-            "foregroundPixels": int((result.mask > 0).sum()), "previousImage": previous,
-        }
-
-    def _computeUndo(self, job: Job, site, session) -> None:
-        if not session.active or not session.clicks:
-            raise SessionStateError("there is no click to undo")
-        job.mask = session.undo()
-        job.report = {"clicks": len(session.clicks)}
-
-    def _computeAccept(self, job: Job, site, session) -> None:
-        if not session.active or not session.clicks:
-            raise SessionStateError("nothing to accept: click in a slice first")
-        job.report = self._acceptReport(site.accept(job.acceptMask))
-        if job.settings:
-            session.reconfigure(*job.settings)
-
-    def _computeDiscard(self, job: Job, site, session) -> None:
-        session.discard()
-        if job.settings:
-            session.reconfigure(*job.settings)
 
     @staticmethod
     def _acceptReport(accepted) -> dict:
@@ -476,7 +410,6 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
                 "version": accepted.version, "message": accepted.message}
 
     # -- jobs: apply (main thread) ------------------------------------------------------------------
-
     def apply(self, job: Job) -> dict:
         """Main thread: show ``job``'s result on its slice and return its report, or raise the error
         :meth:`compute` met (then, once no job is pending, what is open is read back from the session)."""
@@ -495,15 +428,11 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     def addClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                  label: Optional[int] = None) -> dict:
-        """Add a click at world RAS ``rasPoint`` in a view of ``sliceOrientation`` (``"Axial"``,
-        ``"Coronal"``, ``"Sagittal"`` or the view's slice node) and update the segment on that slice.
-
-        ``positive`` adds the active class (:meth:`setActiveClass`), otherwise background; ``label``
-        sets the class index explicitly. A click on another slice opens a new image and accepts the
-        previous one. Returns ``latencyMs``, ``adaptMs``, ``loss``, ``label``, ``ijk``, ``pixel``,
-        ``sliceAxis``, ``sliceIndex``, ``newImage``, ``clicks``, ``foregroundPixels`` and
-        ``previousImage`` (the accept report of the image it finished, else None).
-        """
+        """Click at world RAS ``rasPoint`` in a view of ``sliceOrientation`` (``"Axial"``, ``"Coronal"``,
+        ``"Sagittal"`` or the view's slice node): ``positive`` adds the active class, else background
+        (``label`` sets the class). A click on another slice opens a new image, accepting the previous
+        one. Returns latencyMs, adaptMs, loss, label, ijk, pixel, sliceAxis, sliceIndex, newImage,
+        clicks, foregroundPixels and previousImage (the accept report of the image it finished, or None)."""
         return self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
 
     def undoClick(self) -> dict:
@@ -511,9 +440,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return self.apply(self.compute(self.prepareUndo()))
 
     def accept(self) -> dict:
-        """Accept the segment on the current slice: PI adaptation, and a new site version saved.
-        Returns ``applied``, ``reason``, ``latencyMs``, ``losses``, ``clicks``, ``saved``, ``version``
-        and a ``message`` for the user (saying so when saving failed)."""
+        """Accept the segment on the current slice: PI, and a new site version saved. Returns applied, reason,
+        latencyMs, losses, clicks, saved, version and a message for the user (saying so when saving failed)."""
         return self.apply(self.compute(self.prepareAccept()))
 
     def discard(self) -> dict:
@@ -521,27 +449,23 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return self.apply(self.compute(self.prepareDiscard()))
 
     # -- proposals (OAIMSSegment/next_steps.py) -------------------------------------------------
-
     def setProposalModel(self, nameOrPath: str) -> None:
         """Use another proposal model (shipped name or ``.pt`` path) for :meth:`proposeNextSteps`."""
         self.proposalModelName = str(nameOrPath)
-        self._nextSteps = None
+        if self._nextSteps is not None:
+            self._nextSteps.use(self.proposalModelName)
 
     def proposeNextSteps(self, k: int = 3, seed: Optional[int] = None) -> list[str]:
         """Show ``k`` proposed larger segments of the active class on the current slice, as temporary
         segments. Returns their segment IDs; :meth:`pickProposal` makes one the current mask."""
         session = self._requireSession()
         self._requireIdle()
-        if self._nextSteps is None:
-            from OAIMSSegment.next_steps import NextSteps
-
-            self._nextSteps = NextSteps(self.proposalModelName)
         image = self._open.image if self._open is not None else None
         proposals = self._nextSteps.propose(session, image, self.activeClass, k, seed)
         self._removeProposalSegments()
         segmentIds = []
         for number, proposal in enumerate(proposals, start=1):
-            segmentIds.append(mrml.ensure_segment(self._segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}"))
+            segmentIds.append(mrml.ensure_segment(self.segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}"))
             self._open.write(proposal.astype(np.uint8), {1: segmentIds[-1]})
         return segmentIds
 
@@ -549,28 +473,14 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         """Make proposal ``index`` (0-based) the current mask of the active class; Accept then adapts to it."""
         session = self._requireSession()
         self._requireIdle()
-        if self._nextSteps is None:
-            raise SessionStateError(f"there is no proposal {index} (have 0)")
         mask = self._nextSteps.pick(session, index, self.activeClass)
         self._removeProposalSegments()
         self._open.write(mask)
         return {"foregroundPixels": int((mask > 0).sum())}
 
-    def _picked(self) -> Optional[np.ndarray]:
-        return self._nextSteps.picked if self._nextSteps is not None else None
-
     def _removeProposalSegments(self) -> None:
-        if self._segmentationNode is None:
-            return
-        segmentation = self._segmentationNode.GetSegmentation()
-        for segmentId in list(segmentation.GetSegmentIDs()):
-            if segmentation.GetSegment(segmentId).GetName().startswith(PROPOSAL_SEGMENT_PREFIX):
-                segmentation.RemoveSegment(segmentId)
-
-
-#
-# Widget
-#
+        if self.segmentationNode is not None:
+            mrml.remove_segments_named(self.segmentationNode, PROPOSAL_SEGMENT_PREFIX)
 
 
 class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -623,11 +533,11 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (ui.acceptButton, "clicked(bool)", lambda: self._queue(self.logic.prepareAccept)),
             (ui.discardButton, "clicked(bool)", lambda: self._queue(self.logic.prepareDiscard, self._clearPoints)),
             (ui.resetSiteButton, "clicked(bool)", self.onResetSite),
-            (ui.rollbackButton, "clicked(bool)", lambda: self._siteAction(self.logic.rollbackSiteModel, int(ui.rollbackSpinBox.value))),
+            (ui.rollbackButton, "clicked(bool)", lambda: self._runNow(self.logic.rollbackSiteModel, int(ui.rollbackSpinBox.value))),
             (ui.exportButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getSaveFileName, "Export", self.logic.exportSiteModel)),
             (ui.importButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getOpenFileName, "Import", self.logic.importSiteModel)),
             (ui.proposeButton, "clicked(bool)", self.onPropose),
-            (ui.pickProposalButton, "clicked(bool)", self.onPickProposal),
+            (ui.pickProposalButton, "clicked(bool)", lambda: self._runNow(self.logic.pickProposal, int(ui.proposalIndexSpinBox.value) - 1)),
         ):
             widget.connect(signal, slot)
         self._listModels()
@@ -638,17 +548,11 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
-    # -- placing points -------------------------------------------------------------------
-
     def _pointList(self, positive: bool):
         """The markups point list of foreground (``positive``) or background clicks, created on demand."""
         node = self._pointLists.get(positive)
         if node is None or node.GetScene() is None:
-            name = "OAIMS foreground" if positive else "OAIMS background"
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-            node.CreateDefaultDisplayNodes()
-            node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
-            node.GetDisplayNode().SetPointLabelsVisibility(False)
+            node = mrml.click_point_list(slicer.mrmlScene, positive)
             self.addObserver(node, node.PointPositionDefinedEvent, lambda caller, event, p=positive: self.onPointPlaced(p))
             self._pointLists[positive] = node
             widget = self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget
@@ -664,11 +568,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPointPlaced(self, positive: bool) -> None:
         node = self._pointLists[positive]
         index = node.GetNumberOfControlPoints() - 1
-        ras = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPositionWorld(index, ras)
-        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        sliceNode = crosshair.GetCursorPositionXYZ([0.0, 0.0, 0.0]) if crosshair else None
-        sliceNode = sliceNode or mrml.closest_slice_node(slicer.mrmlScene, ras)
+        ras, sliceNode = mrml.placed_point(slicer.mrmlScene, node, index)
         try:
             self._ensureSegmentStarted()
             job = self.logic.prepareClick(ras, positive, sliceNode or "Axial")
@@ -697,8 +597,6 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for node in self._pointLists.values():
             node.RemoveAllControlPoints()
         self._placed.clear()
-
-    # -- worker ---------------------------------------------------------------------------
 
     def _queue(self, prepare: Callable[[], Job], then: Optional[Callable[[], None]] = None) -> None:
         """Prepare a job on the main thread (refused with a message if it does not fit) and submit it."""
@@ -735,8 +633,6 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.pickProposalButton, self.ui.siteCollapsibleButton, self.ui.modelComboBox):
             button.enabled = enabled
 
-    # -- results --------------------------------------------------------------------------
-
     def _show(self, job: Job, report: dict) -> None:
         if job.kind == "click":
             self.ui.latencyLabel.text = (
@@ -762,8 +658,6 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.siteInfoLabel.text = text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
         self.ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
 
-    # -- controls -------------------------------------------------------------------------
-
     def _listModels(self) -> None:
         self.ui.modelComboBox.clear()
         self.ui.modelComboBox.addItem("(select a model)", "")
@@ -784,17 +678,11 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._listModels()
             return
-        if not name:
-            return
-        try:
-            with slicer.util.WaitCursor():
-                card = self.logic.setModel(name)
-        except OAIMSError as error:
-            self._showError(error)
+        if not name or not self._runNow(self.logic.setModel, name):
             return
         self._clearPoints()
         self.ui.classComboBox.clear()
-        for className, classIndex in sorted(card.labels.items(), key=lambda item: item[1]):
+        for className, classIndex in sorted(self.logic.card.labels.items(), key=lambda item: item[1]):
             if classIndex:
                 self.ui.classComboBox.addItem(className, classIndex)
         settings = self.logic.adaptationSettings()
@@ -803,15 +691,14 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = widget.blockSignals(True)
             setattr(widget, value, settings[key])
             widget.blockSignals(wasBlocked)
-        self._updateSiteInfo()
 
     def onSiteChanged(self, name: str) -> None:
         if name:
-            self._siteAction(self.logic.setSite, name)
+            self._runNow(self.logic.setSite, name)
 
     def onStoreFolderChanged(self, path: str) -> None:
         qt.QSettings().setValue("OAIMSSegment/StoreFolder", path)
-        self._siteAction(self.logic.setStoreFolder, path)
+        self._runNow(self.logic.setStoreFolder, path)
 
     def onInputsChanged(self, *_: Any) -> None:
         # The Logic starts the segment lazily at the next click (see _ensureSegmentStarted).
@@ -827,40 +714,30 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                  beta=ui.betaSpinBox.value, lr=ui.lrSpinBox.value, clickLabel=ui.clickLabelCheckBox.checked)
 
     def onPropose(self) -> None:
-        try:
-            self.logic.proposeNextSteps(int(self.ui.proposalCountSpinBox.value))
-        except OAIMSError as error:
-            self._showError(error)
-            return
-        self.ui.proposalIndexSpinBox.maximum = int(self.ui.proposalCountSpinBox.value)
+        count = int(self.ui.proposalCountSpinBox.value)
+        if self._runNow(self.logic.proposeNextSteps, count):
+            self.ui.proposalIndexSpinBox.maximum = count
 
-    def onPickProposal(self) -> None:
-        try:
-            self.logic.pickProposal(int(self.ui.proposalIndexSpinBox.value) - 1)
-        except OAIMSError as error:
-            self._showError(error)
-
-    def _siteAction(self, action: Callable, *args: Any) -> None:
+    def _runNow(self, action: Callable, *args: Any) -> bool:
+        """Run a Logic action now, on the main thread; show its error; refresh the site line. True if it succeeded."""
         try:
             with slicer.util.WaitCursor():
                 action(*args)
+            return True
         except OAIMSError as error:
             self._showError(error)
-        self._updateSiteInfo()
+            return False
+        finally:
+            self._updateSiteInfo()
 
     def onResetSite(self) -> None:
         if slicer.util.confirmOkCancelDisplay("Reset this site to the pretrained model? Saved versions are kept."):
-            self._siteAction(self.logic.resetSiteModel)
+            self._runNow(self.logic.resetSiteModel)
 
     def _archiveAction(self, askPath: Callable, verb: str, action: Callable[[str], Any]) -> None:
         path = askPath(None, f"{verb} site model", "", "OAIMS site model (*.oaims.zip)")
         if path:
-            self._siteAction(action, path)
-
-
-#
-# Test
-#
+            self._runNow(action, path)
 
 
 class OAIMSSegmentTest(ScriptedLoadableModuleTest):
@@ -877,12 +754,11 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
         import tempfile
 
         logic = OAIMSSegmentLogic(storeFolder=tempfile.mkdtemp(prefix="oaims-sites-"))
-        if logic.missingDependencies():
-            self.delayDisplay(f"Skipped: missing {', '.join(logic.missingDependencies())}")
-            return
-        cards = [card for card in logic.availableModels() if card.image_channels == 1]
+        missing = logic.missingDependencies()
+        cards = [card for card in logic.availableModels() if card.image_channels == 1] if not missing else []
         if not cards:
-            self.delayDisplay("Skipped: no single-channel model is shipped in Resources/Models")
+            self.delayDisplay(f"Skipped: missing {', '.join(missing)}" if missing else
+                              "Skipped: no single-channel model is shipped in Resources/Models")
             return
         self.delayDisplay(f"Model {cards[0].name}")
         logic.setModel(cards[0].name)
@@ -898,14 +774,13 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ball segmentation")
         classSegments = logic.startSegment(volume, segmentation)
 
-        centre = mrml.ijk_to_world(volume) @ np.array([34, 30, 32, 1.0])
+        centre, outside = (mrml.ijk_to_world(volume) @ np.array([*ijk, 32, 1.0]) for ijk in ((34, 30), (5, 5)))
         report = logic.addClick(centre[:3], positive=True, sliceOrientation="Axial")
         self.assertEqual(report["ijk"], (34, 30, 32))
         self.delayDisplay(f"Click: {report['latencyMs']:.0f} ms, {report['foregroundPixels']} px")
         location = mrml.locate_click(volume, centre[:3], "Axial")
         foreground = mrml.read_slice_mask(segmentation, classSegments[1], volume, location).sum()
         self.assertEqual(foreground, report["foregroundPixels"])
-        outside = mrml.ijk_to_world(volume) @ np.array([5, 5, 32, 1.0])
         logic.addClick(outside[:3], positive=False, sliceOrientation="Axial")
         self.assertEqual(logic.undoClick()["clicks"], 1)
         logic.addClick(outside[:3], positive=False, sliceOrientation="Axial")

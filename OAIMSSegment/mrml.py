@@ -398,6 +398,44 @@ class SegmentedSlice:
             self.write(self.before[index].astype(np.uint8), {1: segment_id})
 
 
+def class_segments(segmentation_node: "slicer.vtkMRMLSegmentationNode", labels: Mapping[str, int],
+                   segment_id: "str | None" = None) -> dict[int, str]:
+    """``{class index: segment ID}`` for a model's foreground ``labels`` (``{name: index}``):
+    ``segment_id`` takes class 1 when given; the others are found by class name or created."""
+    result = {}
+    for name, index in sorted(labels.items(), key=lambda item: item[1]):
+        if index:
+            result[index] = segment_id if index == 1 and segment_id else ensure_segment(segmentation_node, name)
+    return result
+
+
+def remove_segments_named(segmentation_node: "slicer.vtkMRMLSegmentationNode", prefix: str) -> None:
+    """Remove every segment whose name starts with ``prefix`` (e.g. temporary proposal segments)."""
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id in list(segmentation.GetSegmentIDs()):
+        if segmentation.GetSegment(segment_id).GetName().startswith(prefix):
+            segmentation.RemoveSegment(segment_id)
+
+
+def click_point_list(scene: "slicer.vtkMRMLScene", positive: bool) -> "slicer.vtkMRMLMarkupsFiducialNode":
+    """A new markups point list for foreground (``positive``, green) or background (red) clicks, unlabelled."""
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "OAIMS foreground" if positive else "OAIMS background")
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
+    node.GetDisplayNode().SetPointLabelsVisibility(False)
+    return node
+
+
+def placed_point(scene: "slicer.vtkMRMLScene", point_list: "slicer.vtkMRMLMarkupsFiducialNode", index: int):
+    """World RAS of control point ``index`` and the slice node of the view it was placed in (the
+    crosshair's, else the view whose plane passes closest to it; None if there is none)."""
+    ras = [0.0, 0.0, 0.0]
+    point_list.GetNthControlPointPositionWorld(index, ras)
+    crosshair = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    slice_node = crosshair.GetCursorPositionXYZ([0.0, 0.0, 0.0]) if crosshair else None
+    return ras, slice_node or closest_slice_node(scene, ras)
+
+
 def closest_slice_node(scene: "slicer.vtkMRMLScene", ras: "np.ndarray | list[float]") -> "slicer.vtkMRMLSliceNode | None":
     """The slice node whose plane passes closest to a world-RAS point (the view a point was placed in)."""
     point = np.append(np.asarray(ras, dtype=float)[:3], 1.0)

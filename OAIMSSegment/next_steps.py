@@ -31,6 +31,10 @@ class NextSteps:
         self._model = None
         self._proposals: list = []
 
+    def use(self, model_name: str) -> None:
+        """Propose with another model from now on (loaded on first use)."""
+        self.model_name, self._model = str(model_name), None
+
     def forget(self) -> None:
         """Drop the picked mask (a new click or an accept makes it stale)."""
         self.picked = None

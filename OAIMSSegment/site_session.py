@@ -202,6 +202,25 @@ class SiteSession:
         return SiteAccept(outcome, True, True, version, self.images,
                           f"site '{self.site}' is now at version {version} ({self.images} images)")
 
+    def start(self, image, accept_mask=None, settings: tuple | None = None) -> SiteAccept | None:
+        """Open a new image (``session.start``): the one still open is accepted first when it has
+        clicks (else dropped), and ``settings`` take effect in between (see :meth:`close`). Returns
+        the accept of the previous image, if there was one."""
+        previous = self.close(self.session.active and bool(self.session.clicks), accept_mask, settings)
+        self.session.start(image)
+        return previous
+
+    def close(self, accept: bool, mask=None, settings: tuple | None = None) -> SiteAccept | None:
+        """Accept the open image (:meth:`accept` with ``mask``) or, with ``accept`` False, discard it
+        with its updates; then ``settings``, ``(method, AdaptConfig)``, take effect
+        (``session.reconfigure``: an image is adapted under one set of rules)."""
+        try:
+            return self.accept(mask) if accept else None
+        finally:
+            self.session.discard()
+            if settings:
+                self.session.reconfigure(*settings)
+
     # -- managing versions ------------------------------------------------------------------------
 
     def rollback(self, version: int) -> None:
