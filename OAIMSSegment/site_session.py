@@ -30,6 +30,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from OAIMSSegment.errors import OAIMSError, SessionStateError, StoreError
 from OAIMSSegment.model import ClickSegmenter
 from OAIMSSegment.session import AcceptResult, AdaptConfig, InteractiveSession
@@ -170,9 +172,10 @@ class SiteSession:
 
     # -- accepting an image ---------------------------------------------------------------------
 
-    def accept(self, mask=None) -> SiteAccept:
-        """Accept the open image (``session.accept(mask)``: PI when the method has it) and, when the
-        model changed, save a new site version.
+    def accept(self, mask: np.ndarray | None = None) -> SiteAccept:
+        """Accept the open image (``session.accept(mask)``, ``mask`` the accepted class map ``(H, W)``
+        or None for the prediction: PI when the method has it) and, when the model changed, save a new
+        site version.
 
         A save that fails (read-only or full store) keeps the adapted weights in use and says so in
         the message; nothing raises for it.
@@ -202,15 +205,16 @@ class SiteSession:
         return SiteAccept(outcome, True, True, version, self.images,
                           f"site '{self.site}' is now at version {version} ({self.images} images)")
 
-    def start(self, image, accept_mask=None, settings: tuple | None = None) -> SiteAccept | None:
-        """Open a new image (``session.start``): the one still open is accepted first when it has
+    def start(self, image: np.ndarray, accept_mask: np.ndarray | None = None,
+              settings: tuple | None = None) -> SiteAccept | None:
+        """Open a new ``image`` (``(C, H, W)`` or ``(H, W)`` raw intensities, ``session.start``): the one still open is accepted first when it has
         clicks (else dropped), and ``settings`` take effect in between (see :meth:`close`). Returns
         the accept of the previous image, if there was one."""
         previous = self.close(self.session.active and bool(self.session.clicks), accept_mask, settings)
         self.session.start(image)
         return previous
 
-    def close(self, accept: bool, mask=None, settings: tuple | None = None) -> SiteAccept | None:
+    def close(self, accept: bool, mask: np.ndarray | None = None, settings: tuple | None = None) -> SiteAccept | None:
         """Accept the open image (:meth:`accept` with ``mask``) or, with ``accept`` False, discard it
         with its updates; then ``settings``, ``(method, AdaptConfig)``, take effect
         (``session.reconfigure``: an image is adapted under one set of rules)."""
