@@ -1,14 +1,14 @@
 """OAIMSSegment: click-guided segmentation in 3D Slicer that adapts its model online (OAIMS).
 
-Clinicians place foreground / background points in slice views; each click segments the
-2D slice through it with a click-guided U-Net, which adapts after every click
-(Mid-Interaction, MI) and when the segment is accepted (Post-Interaction, PI); adapted
-weights are saved per site. Method: Xu et al., "You Point, I Learn: Online Adaptation of
-Interactive Segmentation Models for Handling Distribution Shifts in Medical Imaging".
+Clinicians place foreground / background points in slice views; each click segments the 2D
+slice through it with a click-guided U-Net, which adapts after every click (Mid-Interaction,
+MI) and when the segment is accepted (Post-Interaction, PI); adapted weights are saved per
+site. Method: Xu et al., "You Point, I Learn: Online Adaptation of Interactive Segmentation
+Models for Handling Distribution Shifts in Medical Imaging".
 
-Layout: :class:`OAIMSSegmentLogic` holds all behaviour and is scriptable from the Python
-console; :class:`OAIMSSegmentWidget` only connects Qt to it; the engine
-(``OAIMSSegment/``: model, session, store, proposals, mrml) does the work.
+Layout: :class:`OAIMSSegmentLogic` (scriptable from the Python console) reads and writes MRML
+and runs each action in threading phases; :class:`OAIMSSegmentWidget` only connects Qt to it;
+the engine (``OAIMSSegment/``: site_session, session, model, store, next_steps, mrml) does the work.
 """
 
 import os
@@ -20,10 +20,9 @@ import os
 # (The folder's __init__.py is therefore not run inside Slicer; the engine relies on nothing in it.)
 __path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "OAIMSSegment")]
 
-import importlib.util
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import ctk
@@ -31,20 +30,14 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
 # Only numpy/vtk/MRML below: importable before torch is installed.
-from OAIMSSegment import mrml
-from OAIMSSegment.errors import OAIMSError, SessionStateError, StoreError
-
-#: Python modules the engine needs that Slicer does not ship (import name -> pip name).
-ENGINE_MODULES: dict[str, str] = {"torch": "torch", "monai": "monai", "scipy": "scipy", "filelock": "filelock"}
+from OAIMSSegment import dependencies, mrml
+from OAIMSSegment.dependencies import MissingDependenciesError
+from OAIMSSegment.errors import OAIMSError, SessionStateError
 
 #: Name of the site used until the user picks one.
 DEFAULT_SITE = "default"
@@ -54,15 +47,6 @@ DEFAULT_PROPOSAL_MODEL = "proposals-synthetic-disks"
 
 #: Name prefix of the temporary segments that show proposals.
 PROPOSAL_SEGMENT_PREFIX = "OAIMS proposal"
-
-
-class MissingDependenciesError(OAIMSError):
-    """torch / MONAI (or another engine package) is not installed and was not installed."""
-
-
-#
-# Module
-#
 
 
 class OAIMSSegment(ScriptedLoadableModule):
@@ -75,61 +59,49 @@ class OAIMSSegment(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["OAIMSSegment developers"]
         self.parent.helpText = (
-            "Interactive segmentation that learns from your clicks. Place foreground and background "
-            "points in any slice view: the slice through each point is segmented by a click-guided "
-            "U-Net, which adapts after every click (Mid-Interaction adaptation, MI) and when you accept "
-            "the segment (Post-Interaction adaptation, PI). Adapted weights are saved per site, so the "
-            "model keeps improving on your scanner and protocol. "
+            "Interactive segmentation that learns from your clicks. Place foreground and background points in any "
+            "slice view: the slice through each point is segmented by a click-guided U-Net, which adapts after every "
+            "click (Mid-Interaction adaptation, MI) and when you accept the segment (Post-Interaction adaptation, PI). "
+            "Adapted weights are saved per site, so the model keeps improving on your scanner and protocol. "
             "See docs/SLICER.md in the extension's repository."
         )
         self.parent.acknowledgementText = (
-            "Method: W. Xu, Z. Liang, H. Anthony, Y. Ibrahim, F. Cohen, G. Yang, K. Kamnitsas, "
-            "'You Point, I Learn: Online Adaptation of Interactive Segmentation Models for Handling "
-            "Distribution Shifts in Medical Imaging' (OAIMS). Next-step proposals: H. E. Wong, "
-            "J. V. Guttag, A. V. Dalca, 'Probabilistic Interactive Segmentation for Medical Images'."
+            "Method: W. Xu, Z. Liang, H. Anthony, Y. Ibrahim, F. Cohen, G. Yang, K. Kamnitsas, 'You Point, I Learn: "
+            "Online Adaptation of Interactive Segmentation Models for Handling Distribution Shifts in Medical Imaging' "
+            "(OAIMS). Next-step proposals: H. E. Wong, J. V. Guttag, A. V. Dalca, 'Probabilistic Interactive "
+            "Segmentation for Medical Images'."
         )
 
 
-#
-# Logic
-#
-
-
 @dataclass
-class PreparedClick:
-    """A click turned into engine terms on the main thread (MRML read), ready for the worker.
+class Job:
+    """One action (``kind``: click, undo, accept or discard) in three phases: ``prepare*`` makes it
+    (main thread: reads MRML, updates what is open), :meth:`OAIMSSegmentLogic.compute` runs it in the
+    engine (worker: fills ``report`` and ``mask``, or ``error``), :meth:`OAIMSSegmentLogic.apply`
+    shows it (main thread: writes MRML). Every prepared job is applied, in order."""
 
-    ``image`` is set when the click opens a new image (first click, or another slice).
-    """
-
-    location: mrml.SliceLocation
-    label: int
-    image: Optional[np.ndarray]
-
-
-@dataclass
-class ComputedClick:
-    """What the worker computed for a click; :meth:`OAIMSSegmentLogic.applyClick` writes it to MRML."""
-
-    prepared: PreparedClick
-    mask: np.ndarray
-    report: dict
+    kind: str
+    slice: Optional[mrml.SegmentedSlice]  # the slice it acts on (None: a discard with nothing open)
+    label: int = 0
+    location: Optional[mrml.SliceLocation] = None  # where a click is
+    newImage: bool = False  # a click that opens a new image (the open one is accepted or dropped first)
+    acceptMask: Optional[np.ndarray] = None  # the picked proposal that an accept adapts to
+    settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the image opens or closes
+    report: dict = field(default_factory=dict)
+    mask: Optional[np.ndarray] = None  # the class map to show on the slice
+    error: Optional[Exception] = None
 
 
 class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
-    """All behaviour of the module, usable without a GUI::
+    """All behaviour of the module, usable without a GUI (docs/SLICER.md, "Scripting API"). Everything
+    about the site (versions, accept, rollback, export...) is the engine's SiteSession; this reads and writes MRML.
 
-        logic = OAIMSSegmentLogic()
-        logic.setModel("brain-lesion-flair")
-        logic.setSite("radiology-3T")
-        logic.startSegment(volumeNode, segmentationNode, segmentId)
-        logic.addClick([12.0, -30.5, 4.0], positive=True, sliceOrientation="Axial")
-        logic.accept()
-
-    Long operations come in three steps so that a GUI can run the middle one on a worker
-    thread: ``prepare*`` (main thread, reads MRML), ``compute*`` (engine only, no MRML),
-    ``apply*`` (main thread, writes MRML). The one-call methods (:meth:`addClick`,
-    :meth:`undoClick`, :meth:`accept`, :meth:`discard`) chain them synchronously.
+    Threading: each action is a :class:`Job`, so that a GUI can run :meth:`compute` on a worker.
+    What is open (volume, segmentation, segments, the slice, the clicks on it) is main-thread
+    state, updated when a job is *queued*: a click queued on the open slice joins its image even
+    before the clicks ahead of it have run. The worker touches only the engine session; the main
+    thread reads the session only while no job is pending. :meth:`addClick`, :meth:`undoClick`,
+    :meth:`accept` and :meth:`discard` run all three phases at once.
     """
 
     def __init__(self, storeFolder: Optional[str] = None) -> None:
@@ -143,22 +115,18 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.adaptOverrides: dict[str, Union[float, bool]] = {}
         self.activeClass = 1
         self.proposalModelName = DEFAULT_PROPOSAL_MODEL
-        self._session = None
-        self._siteModel = None
-        self._siteProblem = ""
-        self._proposalModel = None
-        self._volumeNode = None
-        self._segmentationNode = None
-        self._classSegments: dict[int, str] = {}
-        self._location: Optional[mrml.SliceLocation] = None
-        self._image: Optional[np.ndarray] = None
-        self._sliceBefore: dict[int, np.ndarray] = {}
-        self._pickedMask: Optional[np.ndarray] = None
-        self._proposals: list = []
+        self._site = None  # SiteSession: the model, its interactive session and the site's versions
+        self._nextSteps = None  # NextSteps (with the model): proposals for the open image, and the one picked
         self._settingsChanged = False
+        # What is open: main thread only, updated when a job is queued. Read-only outside the Logic:
+        self.volumeNode = None  # the volume being segmented (None before startSegment)
+        self.segmentationNode = None  # the segmentation being written
+        self._classSegments: dict[int, str] = {}
+        self._open: Optional[mrml.SegmentedSlice] = None  # the image being segmented
+        self._clicks = 0  # clicks queued on it
+        self._pending = 0  # jobs prepared and not yet applied
 
-    # -- where things live ------------------------------------------------------------------
-
+    # -- where things live, dependencies (OAIMSSegment/dependencies.py) ---------------------------
     @staticmethod
     def defaultStoreFolder() -> str:
         """``<Slicer settings folder>/OAIMSSegment/sites``: per user, beside Slicer's own settings."""
@@ -172,64 +140,28 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         """``Resources/requirements.txt``: what a first use installs with pip."""
         return os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
 
-    def setStoreFolder(self, path: str) -> None:
-        """Keep site models in ``path`` (e.g. a shared department folder); reopens the site."""
-        self.storeFolder = str(path)
-        if self._session is not None:
-            self._openSite()
-
-    # -- dependencies -----------------------------------------------------------------------
-
     @staticmethod
     def missingDependencies() -> list[str]:
         """Pip names of engine packages that cannot be imported (empty when all are there)."""
-        return [pipName for module, pipName in ENGINE_MODULES.items() if importlib.util.find_spec(module) is None]
+        return dependencies.missing_dependencies()
 
     def installDependencies(self) -> None:
         """Install the engine's packages: PyTorch through the PyTorch Utils extension when it is
-        installed (it picks the right CUDA/CPU build), then the rest with pip from
-        ``Resources/requirements.txt``. Raises :class:`MissingDependenciesError` with the reason."""
+        installed (it picks the right CUDA/CPU build), then the rest with pip."""
         try:
-            if importlib.util.find_spec("torch") is None:
-                try:
-                    import PyTorchUtils  # the "PyTorch" extension
-                except ImportError:
-                    PyTorchUtils = None
-                if PyTorchUtils is not None:
-                    if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                        raise MissingDependenciesError("PyTorch Utils could not install PyTorch")
-            slicer.util.pip_install(["-r", self.requirementsPath()])
-        except MissingDependenciesError:
-            raise
-        except Exception as error:  # pip and PyTorch Utils raise many kinds
-            raise MissingDependenciesError(
-                f"installing {', '.join(self.missingDependencies()) or 'the engine packages'} failed: {error}. "
-                f"Check the network connection, or install them from Slicer's Python console with "
-                f"slicer.util.pip_install(['-r', r'{self.requirementsPath()}'])"
-            ) from error
-        importlib.invalidate_caches()
-        still = self.missingDependencies()
-        if still:
-            raise MissingDependenciesError(f"still missing after installation: {', '.join(still)}; restart Slicer and try again")
+            import PyTorchUtils  # the "PyTorch" extension
+
+            installTorch = lambda: PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)  # noqa: E731
+        except ImportError:
+            installTorch = None
+        dependencies.install_dependencies(self.requirementsPath(), slicer.util.pip_install, installTorch, self.missingDependencies)
 
     def setupPythonRequirements(self, confirm: Optional[Callable[[str], bool]] = None) -> None:
-        """Make sure the engine can be imported; install missing packages only if ``confirm(message)`` agrees.
-
-        Never called at import time: the module loads without torch, and the first use asks.
-        """
-        missing = self.missingDependencies()
-        if not missing:
-            return
-        message = (
-            f"OAIMS Segment needs these Python packages: {', '.join(missing)}. "
-            "Install them now? This needs a network connection and may take several minutes."
-        )
-        if confirm is None or not confirm(message):
-            raise MissingDependenciesError(f"missing Python packages: {', '.join(missing)} (not installed)")
-        self.installDependencies()
+        """Make sure the engine can be imported; install missing packages only if ``confirm(message)``
+        agrees. Never called at import time: the module loads without torch, and the first use asks."""
+        dependencies.ensure_dependencies(self.missingDependencies(), confirm, self.installDependencies)
 
     # -- model, site, settings ----------------------------------------------------------------
-
     @staticmethod
     def availableModels() -> list:
         """Cards of the shipped models (``Resources/Models``)."""
@@ -238,71 +170,65 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return list_models()
 
     @property
-    def volumeNode(self):
-        """The volume being segmented (None before :meth:`startSegment`)."""
-        return self._volumeNode
-
-    @property
-    def segmentationNode(self):
-        """The segmentation being written (None before :meth:`startSegment`)."""
-        return self._segmentationNode
+    def session(self):
+        """The engine's InteractiveSession (None before :meth:`setModel`); read it only while no job is pending."""
+        return self._site.session if self._site is not None else None
 
     @property
     def card(self):
         """The current model's card (None before :meth:`setModel`)."""
-        return self._session.card if self._session is not None else None
+        return self._site.session.card if self._site is not None else None
 
     def setModel(self, nameOrPath: str):
-        """Load a shipped model by name (or a model card / weights path) and open the site's version of it.
-
-        An image still open is discarded. The adaptation learning rate goes back to the new
-        model card's (a learning rate belongs to a model); MI/PI, sigma and beta are kept.
-        Returns the model card.
-        """
+        """Load a shipped model by name (or a model card / weights path), open the site's version of it and
+        return its card. An image still open is discarded. The adaptation learning rate goes back to
+        the card's (a learning rate belongs to a model); MI/PI, sigma and beta are kept."""
         self.setupPythonRequirements()
         from OAIMSSegment.model import load_model
+        from OAIMSSegment.next_steps import NextSteps
+        from OAIMSSegment.session import InteractiveSession
+        from OAIMSSegment.site_session import SiteSession
 
+        self._requireIdle()
         self._closeImage()
         model = load_model(nameOrPath)
         self.adaptOverrides.pop("lr", None)
         self.modelName = str(nameOrPath)
-        self._session = self._newSession(model)
+        self._settingsChanged = True
+        self._site = SiteSession(InteractiveSession(model, *self._takeSettings()), self.storeFolder, self.siteName)
+        self._nextSteps = NextSteps(self.proposalModelName)
         self.activeClass = 1
-        self._openSite()
         return model.card
 
     def setSite(self, name: str) -> dict:
         """Use the site ``name`` (created on first use) and load its current weights. Returns :meth:`siteModelInfo`."""
         self.siteName = name
-        if self._session is not None:
-            self._closeImage()
-            self._openSite()
+        self._reopenSite(site=name)
         return self.siteModelInfo()
+
+    def setStoreFolder(self, path: str) -> None:
+        """Keep site models in ``path`` (e.g. a shared department folder); reopens the site."""
+        self.storeFolder = str(path)
+        self._reopenSite(store_folder=self.storeFolder)
+
+    def _reopenSite(self, **where: str) -> None:
+        if self._site is not None:
+            self._requireIdle()
+            self._closeImage()
+            self._site.open(**where)
 
     def sites(self) -> list[str]:
         """Sites that already hold adapted models in the store folder."""
-        from OAIMSSegment.store import SiteModelStore
+        from OAIMSSegment.site_session import SiteSession
 
-        return SiteModelStore(self.storeFolder).sites()
+        return SiteSession.sites(self.storeFolder)
 
-    def setAdaptation(
-        self,
-        mi: Optional[bool] = None,
-        pi: Optional[bool] = None,
-        sigma: Optional[float] = None,
-        beta: Optional[float] = None,
-        lr: Optional[float] = None,
-        clickLabel: Optional[bool] = None,
-    ) -> None:
-        """Switch MI / PI and set the advanced parameters (CCG sigma and beta, learning rate).
-
-        ``clickLabel`` turns on our MI extension (off by default, as in the paper): each MI
-        step's pseudo label takes the clicked class within sigma of the click
-        (``AdaptConfig.mi_click_label``; measured in docs/BENCHMARKS.md, section 9.1).
-
-        Takes effect now, or, while an image is open, when it is accepted or discarded (an
-        image is adapted under one set of rules).
-        """
+    def setAdaptation(self, mi: Optional[bool] = None, pi: Optional[bool] = None, sigma: Optional[float] = None,
+                      beta: Optional[float] = None, lr: Optional[float] = None, clickLabel: Optional[bool] = None) -> None:
+        """Switch MI / PI and set CCG sigma and beta and the learning rate. ``clickLabel``: our MI extension
+        (off, as in the paper, by default): MI's pseudo label takes the clicked class within sigma of the
+        click (docs/BENCHMARKS.md, 9.1). Takes effect now or, while an image is open or work is queued,
+        when it is accepted or discarded (an image is adapted under one set of rules)."""
         if mi is not None:
             self.mi = bool(mi)
         if pi is not None:
@@ -313,17 +239,23 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         if clickLabel is not None:
             self.adaptOverrides["mi_click_label"] = bool(clickLabel)
         self._settingsChanged = True
-        if self._session is not None and not self._session.active:
-            self._applySettings()
+        if self._site is not None and self._open is None and not self._pending:
+            self._site.session.reconfigure(*self._takeSettings())
+
+    def _takeSettings(self) -> Optional[tuple]:
+        """``(method, AdaptConfig)`` when the settings changed since they were last taken, else None."""
+        if not self._settingsChanged:
+            return None
+        from OAIMSSegment.session import AdaptConfig, method_name
+
+        self._settingsChanged = False
+        return method_name(self.mi, self.pi), AdaptConfig(**self.adaptOverrides)
 
     def adaptationSettings(self) -> dict:
-        """The adaptation settings in force: ``mi``, ``pi``, ``sigma``, ``beta``, ``lr`` (the model
-        card's learning rate unless overridden) and ``clickLabel``."""
+        """The settings in force: ``mi``, ``pi``, ``sigma``, ``beta``, ``lr`` (the card's unless overridden), ``clickLabel``."""
         config = self._requireSession().config
-        return {
-            "mi": self.mi, "pi": self.pi, "sigma": config.sigma, "beta": config.beta, "lr": config.lr,
-            "clickLabel": config.mi_click_label,
-        }
+        return {"mi": self.mi, "pi": self.pi, "sigma": config.sigma, "beta": config.beta, "lr": config.lr,
+                "clickLabel": config.mi_click_label}
 
     def setActiveClass(self, nameOrIndex: Union[str, int]) -> int:
         """The class a positive click adds (multi-class models, e.g. ``"cup"``); returns its index."""
@@ -334,405 +266,225 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.activeClass = index
         return index
 
-    def _newSession(self, model):
-        from OAIMSSegment.session import AdaptConfig, InteractiveSession, method_name
-
-        self._settingsChanged = False
-        return InteractiveSession(model, method=method_name(self.mi, self.pi), config=AdaptConfig(**self.adaptOverrides))
-
-    def _applySettings(self) -> None:
-        """Apply new MI/PI switches and settings, keeping weights and optimizer state."""
-        from OAIMSSegment.session import AdaptConfig, method_name
-
-        self._settingsChanged = False
-        self._session.reconfigure(method_name(self.mi, self.pi), AdaptConfig(**self.adaptOverrides))
-
     def _requireSession(self):
-        if self._session is None:
+        if self._site is None:
             raise SessionStateError("choose a model first (setModel)")
-        return self._session
+        return self._site.session
 
-    # -- site store ---------------------------------------------------------------------------
+    def _requireIdle(self) -> None:
+        if self._pending:
+            raise SessionStateError(f"wait for the {self._pending} queued action(s) to finish")
 
-    def _openSite(self) -> None:
-        """Open ``siteName`` for the current model and load its current weights (pretrained at version 0).
-
-        A store that cannot be opened (read-only or missing folder) leaves the pretrained model
-        in use: segmentation goes on, and :meth:`siteModelInfo` / :meth:`accept` say why nothing is saved.
-        """
-        from OAIMSSegment.store import SiteModelStore
-
-        session = self._requireSession()
-        self._siteModel, self._siteProblem = None, ""
-        session.reset_weights()
-        try:
-            self._siteModel = SiteModelStore(self.storeFolder).open(self.siteName, session.card.name, session.card.sha256)
-            state = self._siteModel.load_current()
-        except StoreError as error:
-            self._siteModel, self._siteProblem = None, str(error)
-            logging.warning(f"OAIMSSegment: site model not available, using the pretrained model: {error}")
-            return
-        if state is not None:
-            session.load_state_dict(state)
-
-    def _requireSite(self):
-        self._requireSession()
-        if self._session.active:
-            raise SessionStateError("accept or discard the current image first")
-        if self._siteModel is None:
-            raise StoreError(self._siteProblem or "no site is open")
-        return self._siteModel
-
+    # -- site model (OAIMSSegment/site_session.py) -------------------------------------------------
     def siteModelInfo(self) -> dict:
-        """State of the site model: site, model, version, images adapted, kept versions, store folder, problem."""
-        info: dict[str, Any] = {
-            "site": self.siteName,
-            "model": self.card.name if self.card else None,
-            "method": self._session.method if self._session else None,
-            "storeFolder": self.storeFolder,
-            "version": 0,
-            "imagesAdapted": 0,
-            "versions": [],
-            "problem": self._siteProblem,
-        }
-        if self._siteModel is None:
-            return info
-        try:
-            info["version"] = self._siteModel.current_version
-            info["versions"] = [v.version for v in self._siteModel.versions()]
-            info["imagesAdapted"] = self._imagesAdapted(info["version"])
-        except StoreError as error:
-            info["problem"] = str(error)
-        return info
+        """The site model: site, model, method, storeFolder, version, imagesAdapted, versions (kept), problem."""
+        if self._site is None:
+            return {"site": self.siteName, "model": None, "method": None, "storeFolder": self.storeFolder,
+                    "version": 0, "imagesAdapted": 0, "versions": [], "problem": ""}
+        info = self._site.info()
+        return {"site": info.site, "model": info.model, "method": info.method, "storeFolder": info.store_folder,
+                "version": info.version, "imagesAdapted": info.images, "versions": info.versions, "problem": info.problem}
 
-    def _imagesAdapted(self, version: int) -> Optional[int]:
-        """Images behind ``version``, from the history line that created it (None if unknown, e.g. imported)."""
-        if version == 0:
-            return 0
-        for entry in reversed(self._siteModel.history()):
-            if entry.get("version") == version and entry.get("action") in ("adapt", "import"):
-                return entry.get("images")
-        return None
+    def _siteAction(self, name: str, *args):
+        self._requireSession()
+        self._requireIdle()
+        if self._open is not None:
+            raise SessionStateError("accept or discard the current image first")
+        return getattr(self._site, name)(*args)
 
     def resetSiteModel(self) -> dict:
         """Back to the pretrained model (stored versions are kept: roll back to undo). Returns the site info."""
-        self._requireSite().reset()
-        self._session.reset_weights()
+        self._siteAction("reset")
         return self.siteModelInfo()
 
     def rollbackSiteModel(self, version: int) -> dict:
         """Make an earlier ``version`` current (0 = pretrained) and use its weights. Returns the site info."""
-        site = self._requireSite()
-        site.rollback(int(version))
-        self._session.reset_weights()
-        state = site.load_current()
-        if state is not None:
-            self._session.load_state_dict(state)
+        self._siteAction("rollback", int(version))
         return self.siteModelInfo()
 
     def exportSiteModel(self, path: str) -> str:
         """Write the site's current weights and history to one file (to share with another site)."""
-        return str(self._requireSite().export(path))
+        return str(self._siteAction("export", path))
 
     def importSiteModel(self, path: str) -> dict:
         """Import a file written by :meth:`exportSiteModel` as this site's new current version."""
-        import copy
-
-        site = self._requireSite()
-        probe = copy.deepcopy(self._session.model)
-        site.import_archive(path, check=lambda state: probe.load_state_dict(state["model"]))
-        self._session.load_state_dict(site.load_current())
+        self._siteAction("import_archive", path)
         return self.siteModelInfo()
 
     # -- segments -----------------------------------------------------------------------------
-
     def startSegment(self, volumeNode, segmentationNode, segmentId: Optional[str] = None) -> dict[int, str]:
-        """Segment ``volumeNode`` into ``segmentationNode``.
-
-        A binary model writes into ``segmentId`` (a new segment named after the class if
-        None). A multi-class model writes one segment per foreground class: ``segmentId``
-        takes class 1, the others are found by class name or created. An image still open is
-        accepted first (moving on means it is done). Returns ``{class index: segment ID}``.
-
-        Raises:
-            InvalidImageError: the volume does not fit the model (e.g. a scalar MRI for an RGB model).
-        """
+        """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}``: one
+        segment per foreground class, ``segmentId`` for class 1 if given, the others found by class name
+        or created. An image still open is accepted first (moving on means it is done). Raises
+        InvalidImageError when the volume does not fit the model."""
         session = self._requireSession()
+        self._requireIdle()
         mrml.check_volume_for_model(volumeNode, session.card.image_channels, f"model '{session.card.name}'")
-        if session.active and session.clicks:
+        if self._clicks:
             self.accept()
-        elif session.active:
-            self.discard()
+        self._closeImage()
         mrml.prepare_segmentation(segmentationNode, volumeNode)
-        names = {index: name for name, index in session.card.labels.items() if index}
-        classSegments = {}
-        for index, name in sorted(names.items()):
-            if index == 1 and segmentId:
-                classSegments[index] = segmentId
-            else:
-                classSegments[index] = mrml.ensure_segment(segmentationNode, name)
-        self._volumeNode, self._segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
-        self._location = None
+        classSegments = mrml.class_segments(segmentationNode, session.card.labels, segmentId)
+        self.volumeNode, self.segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
         return dict(classSegments)
 
-    # -- clicks -------------------------------------------------------------------------------
+    def _closeImage(self) -> None:
+        """Discard an open image (the model, site or segment changes under it)."""
+        if self._open is not None:
+            self.discard()
 
-    def prepareClick(
-        self,
-        rasPoint,
-        positive: bool = True,
-        sliceOrientation: Union[str, Any] = "Axial",
-        label: Optional[int] = None,
-    ) -> PreparedClick:
-        """Main thread: locate the click and, on a new slice, read that slice (and what the segments hold there)."""
-        session = self._requireSession()
-        if self._volumeNode is None:
+    # -- jobs: prepare (main thread) ------------------------------------------------------------
+    def prepareClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
+                     label: Optional[int] = None) -> Job:
+        """Main thread: locate a click and, when it opens a new image (no image open, or another
+        slice), read that slice and what the segments hold there. See :meth:`addClick`."""
+        self._requireSession()
+        if self.volumeNode is None:
             raise SessionStateError("choose a volume and segment first (startSegment)")
-        location = mrml.locate_click(self._volumeNode, rasPoint, sliceOrientation)
-        label = int(label) if label is not None else (self.activeClass if positive else 0)
-        image = None
-        if not location.same_slice(self._location) or not session.active:
-            image = mrml.extract_slice(self._volumeNode, location)
-            self._sliceBefore = {
-                index: mrml.read_slice_mask(self._segmentationNode, segmentId, self._volumeNode, location)
-                for index, segmentId in self._classSegments.items()
-            }
-            self._image = image
-        # Set now, not when the worker is done: a second click queued behind this one must see it.
-        self._location = location
-        return PreparedClick(location, label, image)
+        location = mrml.locate_click(self.volumeNode, rasPoint, sliceOrientation)
+        job = Job("click", self._open, int(label) if label is not None else (self.activeClass if positive else 0), location)
+        if self._open is None or not location.same_slice(self._open.location):
+            job.slice = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
+            job.newImage, job.acceptMask, job.settings = True, self._nextSteps.picked, self._takeSettings()
+            self._open, self._clicks = job.slice, 0
+        self._clicks += 1
+        return self._queue(job)
 
-    def computeClick(self, prepared: PreparedClick) -> ComputedClick:
-        """Worker: run the engine for a click (no MRML). A click on a new slice first finishes the
-        previous image (accepted: PI and a new site version)."""
-        session = self._requireSession()
-        previous = None
-        if prepared.image is not None:
-            if session.active and session.clicks:
-                previous = self._computeAccept()
-            elif session.active:
-                session.discard()
-            if self._settingsChanged:
-                self._applySettings()
-            session = self._session
-            session.start(prepared.image)
-        self._pickedMask = None
-        result = session.add_click(prepared.location.position, prepared.label)
-        report = {
-            "latencyMs": result.latency_ms,
-            "adaptMs": result.adapt_ms,
-            "loss": result.loss,
-            "label": prepared.label,
-            "ijk": prepared.location.ijk,
-            "pixel": prepared.location.position,
-            "sliceAxis": "IJK"[prepared.location.axis],
-            "sliceIndex": prepared.location.index,
-            "newImage": prepared.image is not None,
-            "clicks": len(session.clicks),
-            "foregroundPixels": int((result.mask > 0).sum()),
-            "previousImage": previous,
-        }
-        return ComputedClick(prepared, result.mask, report)
-
-    def applyClick(self, computed: ComputedClick) -> dict:
-        """Main thread: write the click's mask into the segments, on its slice only."""
-        self._removeProposalSegments()
-        mrml.write_slice_mask(self._segmentationNode, self._volumeNode, computed.prepared.location, computed.mask, self._classSegments)
-        return computed.report
-
-    def addClick(
-        self,
-        rasPoint,
-        positive: bool = True,
-        sliceOrientation: Union[str, Any] = "Axial",
-        label: Optional[int] = None,
-    ) -> dict:
-        """Add a click at world RAS ``rasPoint`` in a view of ``sliceOrientation``
-        (``"Axial"``, ``"Coronal"``, ``"Sagittal"`` or the view's slice node) and update the segment.
-
-        ``positive`` adds the active class (:meth:`setActiveClass`), otherwise background;
-        ``label`` sets the class index explicitly. Synchronous. Returns what happened:
-        ``latencyMs``, ``adaptMs``, ``loss``, ``ijk``, ``pixel``, ``sliceAxis``, ``sliceIndex``,
-        ``newImage``, ``clicks``, ``foregroundPixels`` and ``previousImage`` (the accept report of
-        the image a click on another slice finished, else None).
-        """
-        return self.applyClick(self.computeClick(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
-
-    def computeUndo(self) -> Optional[np.ndarray]:
-        """Worker: remove the last click (and its MI update); the previous mask, or None when no click is left."""
-        session = self._requireSession()
-        if not session.active or not session.clicks:
+    def prepareUndo(self) -> Job:
+        """Main thread: queue removing the last click (and its MI update)."""
+        if not self._clicks:
             raise SessionStateError("there is no click to undo")
-        self._pickedMask = None
-        return session.undo()
+        self._clicks -= 1
+        return self._queue(Job("undo", self._open))
 
-    def applyUndo(self, mask: Optional[np.ndarray]) -> dict:
-        """Main thread: show the previous mask (or what the slice held before the first click)."""
+    def prepareAccept(self) -> Job:
+        """Main thread: queue accepting the open image (PI, new site version)."""
+        if not self._clicks:
+            raise SessionStateError("nothing to accept: click in a slice first")
+        return self._close(Job("accept", self._open, acceptMask=self._nextSteps.picked, settings=self._takeSettings()))
+
+    def prepareDiscard(self) -> Job:
+        """Main thread: queue dropping the open image and every update it caused."""
+        return self._close(Job("discard", self._open, settings=self._takeSettings()))
+
+    def _close(self, job: Job) -> Job:
+        self._open, self._clicks = None, 0
+        return self._queue(job)
+
+    def _queue(self, job: Job) -> Job:
+        self._requireSession()
+        self._pending += 1
+        self._nextSteps.forget()  # a picked proposal is for the mask it was picked on
+        return job
+
+    # -- jobs: compute (worker; the engine only, no MRML) -------------------------------------------
+    def compute(self, job: Job) -> Job:
+        """Worker: run ``job`` in the engine. An error is kept in ``job.error`` for :meth:`apply` to raise."""
+        site, session = self._site, self._site.session
+        try:
+            if job.kind == "click":
+                previous = site.start(job.slice.image, job.acceptMask, job.settings) if job.newImage else None
+                result, location = session.add_click(job.location.position, job.label), job.location
+                job.mask, job.report = result.mask, {
+                    "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
+                    "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
+                    "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(session.clicks),
+                    "foregroundPixels": int((result.mask > 0).sum()), "previousImage": previous and self._acceptReport(previous),
+                }
+            elif job.kind == "undo":
+                job.mask = session.undo()
+                job.report = {"clicks": len(session.clicks)}
+            elif job.kind == "accept":
+                job.report = self._acceptReport(site.close(True, job.acceptMask, job.settings))
+            else:
+                site.close(False, settings=job.settings)
+        except Exception as error:  # raised again on the main thread by apply()
+            job.error = error
+        return job
+
+    @staticmethod
+    def _acceptReport(accepted) -> dict:
+        outcome = accepted.outcome
+        return {"applied": outcome.applied, "reason": outcome.reason, "latencyMs": outcome.latency_ms,
+                "losses": dict(outcome.losses), "clicks": outcome.clicks, "saved": accepted.saved,
+                "version": accepted.version, "message": accepted.message}
+
+    # -- jobs: apply (main thread) ------------------------------------------------------------------
+    def apply(self, job: Job) -> dict:
+        """Main thread: show ``job``'s result on its slice and return its report, or raise the error
+        :meth:`compute` met (then, once no job is pending, what is open is read back from the session)."""
+        self._pending -= 1
+        if job.error is not None:
+            if not self._pending:
+                active = self._site.session.active
+                self._open, self._clicks = (job.slice, len(self._site.session.clicks)) if active else (None, 0)
+            raise job.error
         self._removeProposalSegments()
-        if mask is None:
-            self._restoreSlice()
-        else:
-            mrml.write_slice_mask(self._segmentationNode, self._volumeNode, self._location, mask, self._classSegments)
-        return {"clicks": len(self._session.clicks)}
+        if job.mask is not None:
+            job.slice.write(job.mask)
+        elif job.kind in ("undo", "discard") and job.slice is not None:
+            job.slice.restore()  # undo of the first click, or discard: the slice as it was
+        return job.report
+
+    def addClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
+                 label: Optional[int] = None) -> dict:
+        """Click at world RAS ``rasPoint`` in a view of ``sliceOrientation`` (``"Axial"``, ``"Coronal"``,
+        ``"Sagittal"`` or the view's slice node): ``positive`` adds the active class, else background
+        (``label`` sets the class). A click on another slice opens a new image, accepting the previous
+        one. Returns latencyMs, adaptMs, loss, label, ijk, pixel, sliceAxis, sliceIndex, newImage,
+        clicks, foregroundPixels and previousImage (the accept report of the image it finished, or None)."""
+        return self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
 
     def undoClick(self) -> dict:
-        """Undo the last click. Returns ``{"clicks": clicks left}``."""
-        return self.applyUndo(self.computeUndo())
-
-    # -- accept / discard ---------------------------------------------------------------------
-
-    def _computeAccept(self) -> dict:
-        """Accept the open image in the engine (PI) and save the site version; no MRML."""
-        session = self._session
-        outcome = session.accept(mask=self._pickedMask)
-        self._pickedMask = None
-        adapted = outcome.applied or (session.mi_enabled and outcome.clicks > 1)
-        report = {
-            "applied": outcome.applied,
-            "reason": outcome.reason,
-            "latencyMs": outcome.latency_ms,
-            "losses": dict(outcome.losses),
-            "clicks": outcome.clicks,
-            "saved": False,
-            "version": None,
-            "message": "",
-        }
-        if not adapted:
-            report["message"] = "the model did not change; no new site version"
-        elif self._siteModel is None:
-            report["message"] = f"the site model was NOT saved: {self._siteProblem or 'no site is open'}"
-        else:
-            images = (self._imagesAdapted(self._siteModel.current_version) or 0) + 1
-            info = {"images": images, "clicks": outcome.clicks, "method": session.method, "pi_applied": outcome.applied}
-            if outcome.reason:
-                info["reason"] = outcome.reason
-            try:
-                report["version"] = self._siteModel.save_version(session.state_dict(), info)
-                report["saved"] = True
-                report["message"] = f"site '{self.siteName}' is now at version {report['version']} ({images} images)"
-            except StoreError as error:
-                # The adapted weights stay in use for this Slicer session; only persistence failed.
-                report["message"] = f"the site model was NOT saved: {error}"
-                logging.warning(f"OAIMSSegment: {report['message']}")
-        return report
-
-    def computeAccept(self) -> dict:
-        """Worker: accept the open image (PI, new site version)."""
-        session = self._requireSession()
-        if not session.active or not session.clicks:
-            raise SessionStateError("nothing to accept: click in a slice first")
-        report = self._computeAccept()
-        if self._settingsChanged:
-            self._applySettings()
-        return report
-
-    def applyAccept(self, report: dict) -> dict:
-        """Main thread: the segment stays as it is; only proposal segments go."""
-        self._removeProposalSegments()
-        self._location = None
-        return report
+        """Undo the last click and its MI update. Returns ``{"clicks": clicks left}``."""
+        return self.apply(self.compute(self.prepareUndo()))
 
     def accept(self) -> dict:
-        """Accept the segment on the current slice: PI adaptation, and a new site version saved.
-
-        Returns ``applied``, ``reason``, ``latencyMs``, ``losses``, ``clicks``, ``saved``,
-        ``version`` and a ``message`` for the user (saying so when saving failed).
-        """
-        return self.applyAccept(self.computeAccept())
-
-    def computeDiscard(self) -> None:
-        """Worker: drop the open image and every update it caused."""
-        self._requireSession().discard()
-        self._pickedMask = None
-        if self._settingsChanged:
-            self._applySettings()
-
-    def applyDiscard(self, _: None = None) -> dict:
-        """Main thread: put back what the slice held before the first click."""
-        self._removeProposalSegments()
-        if self._location is not None:
-            self._restoreSlice()
-        self._location = None
-        return {}
+        """Accept the segment on the current slice: PI, and a new site version saved. Returns applied, reason,
+        latencyMs, losses, clicks, saved, version and a message for the user (saying so when saving failed)."""
+        return self.apply(self.compute(self.prepareAccept()))
 
     def discard(self) -> dict:
         """Discard the current slice's clicks: the segment and the model go back to how they were."""
-        self.computeDiscard()
-        return self.applyDiscard()
+        return self.apply(self.compute(self.prepareDiscard()))
 
-    def _restoreSlice(self) -> None:
-        for index, segmentId in self._classSegments.items():
-            before = self._sliceBefore.get(index)
-            if before is not None:
-                mrml.write_slice_mask(self._segmentationNode, self._volumeNode, self._location, before.astype(np.uint8), {1: segmentId})
-
-    def _closeImage(self) -> None:
-        """Discard an open image (used when the model or site changes under it)."""
-        if self._session is not None and self._session.active:
-            self.discard()
-
-    # -- proposals ----------------------------------------------------------------------------
-
+    # -- proposals (OAIMSSegment/next_steps.py) -------------------------------------------------
     def setProposalModel(self, nameOrPath: str) -> None:
         """Use another proposal model (shipped name or ``.pt`` path) for :meth:`proposeNextSteps`."""
         self.proposalModelName = str(nameOrPath)
-        self._proposalModel = None
+        if self._nextSteps is not None:
+            self._nextSteps.use(self.proposalModelName)
 
     def proposeNextSteps(self, k: int = 3, seed: Optional[int] = None) -> list[str]:
         """Show ``k`` proposed larger segments of the active class on the current slice, as temporary
         segments. Returns their segment IDs; :meth:`pickProposal` makes one the current mask."""
-        from OAIMSSegment.proposals import load_proposal_model, propose_next_steps
-
         session = self._requireSession()
-        if not session.active or session.mask is None:
-            raise SessionStateError("click in a slice first: proposals extend the current segment")
-        if self._proposalModel is None:
-            self._proposalModel = load_proposal_model(self.proposalModelName)
-        mask = self._pickedMask if self._pickedMask is not None else session.mask
-        image2d = self._image[0] if self._image.shape[0] == 1 else np.moveaxis(self._image, 0, -1)
-        decided = mask > 0
-        for click in session.clicks:
-            decided[click.position] = True  # a background click decides its pixel too
-        self._proposals = propose_next_steps(self._proposalModel, image2d, decided, mask == self.activeClass, k=k, seed=seed)
+        self._requireIdle()
+        image = self._open.image if self._open is not None else None
+        proposals = self._nextSteps.propose(session, image, self.activeClass, k, seed)
         self._removeProposalSegments()
         segmentIds = []
-        for number, proposal in enumerate(self._proposals, start=1):
-            segmentId = mrml.ensure_segment(self._segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}")
-            mrml.write_slice_mask(
-                self._segmentationNode, self._volumeNode, self._location, proposal.seg_mask.astype(np.uint8), {1: segmentId}
-            )
-            segmentIds.append(segmentId)
+        for number, proposal in enumerate(proposals, start=1):
+            segmentIds.append(mrml.ensure_segment(self.segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}"))
+            self._open.write(proposal.astype(np.uint8), {1: segmentIds[-1]})
         return segmentIds
 
     def pickProposal(self, index: int) -> dict:
         """Make proposal ``index`` (0-based) the current mask of the active class; Accept then adapts to it."""
-        if not 0 <= index < len(self._proposals):
-            raise SessionStateError(f"there is no proposal {index} (have {len(self._proposals)})")
         session = self._requireSession()
-        mask = (self._pickedMask if self._pickedMask is not None else session.mask).copy()
-        mask[mask == self.activeClass] = 0
-        mask[self._proposals[index].seg_mask] = self.activeClass
-        self._pickedMask = mask
+        self._requireIdle()
+        mask = self._nextSteps.pick(session, index, self.activeClass)
         self._removeProposalSegments()
-        mrml.write_slice_mask(self._segmentationNode, self._volumeNode, self._location, mask, self._classSegments)
+        self._open.write(mask)
         return {"foregroundPixels": int((mask > 0).sum())}
 
     def _removeProposalSegments(self) -> None:
-        if self._segmentationNode is None:
-            return
-        segmentation = self._segmentationNode.GetSegmentation()
-        for segmentId in list(segmentation.GetSegmentIDs()):
-            if segmentation.GetSegment(segmentId).GetName().startswith(PROPOSAL_SEGMENT_PREFIX):
-                segmentation.RemoveSegment(segmentId)
-
-
-#
-# Widget
-#
+        if self.segmentationNode is not None:
+            mrml.remove_segments_named(self.segmentationNode, PROPOSAL_SEGMENT_PREFIX)
 
 
 class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt front end: forwards user actions to the Logic; model work runs on one worker thread."""
+    """Qt front end: forwards user actions to the Logic; each action's compute phase runs on one worker thread."""
 
     #: Show the busy indicator only when work takes longer than this (seconds).
     BUSY_DELAY_S = 1.0
@@ -742,7 +494,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._executor = None
-        self._jobs: list = []  # (future, apply, started) in submission order
+        self._jobs: list = []  # (future of Logic.compute, started) in submission order
         self._pointLists: dict[bool, Any] = {}
         self._placed: list = []  # (point list, control point index) per click, for undo
 
@@ -755,8 +507,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
-        settings = qt.QSettings()
-        self.logic = OAIMSSegmentLogic(storeFolder=settings.value("OAIMSSegment/StoreFolder") or None)
+        self.logic = OAIMSSegmentLogic(storeFolder=qt.QSettings().value("OAIMSSegment/StoreFolder") or None)
         # One persistent worker: the engine's session is not thread-safe and clicks must run in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="OAIMSSegment")
         self._timer = qt.QTimer()
@@ -768,32 +519,28 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.advancedCollapsibleButton.collapsed = True
         self.ui.busyProgressBar.visible = False
 
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.siteComboBox.connect("currentTextChanged(QString)", self.onSiteChanged)
-        self.ui.storeFolderPathLineEdit.connect("currentPathChanged(QString)", self.onStoreFolderChanged)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
-        self.ui.segmentSelectorWidget.connect("currentSegmentChanged(QString)", self.onInputsChanged)
-        self.ui.classComboBox.connect("currentIndexChanged(int)", self.onClassChanged)
-        for widget in (self.ui.miCheckBox, self.ui.piCheckBox, self.ui.clickLabelCheckBox):
-            widget.connect("toggled(bool)", self.onAdaptationChanged)
-        for widget in (self.ui.sigmaSpinBox, self.ui.betaSpinBox, self.ui.lrSpinBox):
-            widget.connect("valueChanged(double)", self.onAdaptationChanged)
-        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
-        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
-        self.ui.discardButton.connect("clicked(bool)", self.onDiscard)
-        self.ui.resetSiteButton.connect("clicked(bool)", self.onResetSite)
-        self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
-        self.ui.exportButton.connect("clicked(bool)", self.onExport)
-        self.ui.importButton.connect("clicked(bool)", self.onImport)
-        self.ui.proposeButton.connect("clicked(bool)", self.onPropose)
-        self.ui.pickProposalButton.connect("clicked(bool)", self.onPickProposal)
-
-        self.ui.modelComboBox.addItem("(select a model)", "")
-        if not self.logic.missingDependencies():
-            for card in self.logic.availableModels():
-                self.ui.modelComboBox.addItem(f"{card.name}: {card.task}", card.name)
-        else:
-            self.ui.modelComboBox.addItem("Install dependencies and list models...", "__install__")
+        ui = self.ui
+        for widget, signal, slot in (
+            (ui.modelComboBox, "currentIndexChanged(int)", self.onModelChanged),
+            (ui.siteComboBox, "currentTextChanged(QString)", self.onSiteChanged),
+            (ui.storeFolderPathLineEdit, "currentPathChanged(QString)", self.onStoreFolderChanged),
+            (ui.inputVolumeSelector, "currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged),
+            (ui.segmentSelectorWidget, "currentSegmentChanged(QString)", self.onInputsChanged),
+            (ui.classComboBox, "currentIndexChanged(int)", self.onClassChanged),
+            *((box, "toggled(bool)", self.onAdaptationChanged) for box in (ui.miCheckBox, ui.piCheckBox, ui.clickLabelCheckBox)),
+            *((box, "valueChanged(double)", self.onAdaptationChanged) for box in (ui.sigmaSpinBox, ui.betaSpinBox, ui.lrSpinBox)),
+            (ui.undoButton, "clicked(bool)", lambda: self._queue(self.logic.prepareUndo, self._unplaceLast)),
+            (ui.acceptButton, "clicked(bool)", lambda: self._queue(self.logic.prepareAccept)),
+            (ui.discardButton, "clicked(bool)", lambda: self._queue(self.logic.prepareDiscard, self._clearPoints)),
+            (ui.resetSiteButton, "clicked(bool)", self.onResetSite),
+            (ui.rollbackButton, "clicked(bool)", lambda: self._runNow(self.logic.rollbackSiteModel, int(ui.rollbackSpinBox.value))),
+            (ui.exportButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getSaveFileName, "Export", self.logic.exportSiteModel)),
+            (ui.importButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getOpenFileName, "Import", self.logic.importSiteModel)),
+            (ui.proposeButton, "clicked(bool)", self.onPropose),
+            (ui.pickProposalButton, "clicked(bool)", lambda: self._runNow(self.logic.pickProposal, int(ui.proposalIndexSpinBox.value) - 1)),
+        ):
+            widget.connect(signal, slot)
+        self._listModels()
         self._updateSiteInfo()
 
     def cleanup(self) -> None:
@@ -801,17 +548,11 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
-    # -- placing points -------------------------------------------------------------------
-
     def _pointList(self, positive: bool):
         """The markups point list of foreground (``positive``) or background clicks, created on demand."""
         node = self._pointLists.get(positive)
         if node is None or node.GetScene() is None:
-            name = "OAIMS foreground" if positive else "OAIMS background"
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
-            node.CreateDefaultDisplayNodes()
-            node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
-            node.GetDisplayNode().SetPointLabelsVisibility(False)
+            node = mrml.click_point_list(slicer.mrmlScene, positive)
             self.addObserver(node, node.PointPositionDefinedEvent, lambda caller, event, p=positive: self.onPointPlaced(p))
             self._pointLists[positive] = node
             widget = self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget
@@ -827,54 +568,61 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPointPlaced(self, positive: bool) -> None:
         node = self._pointLists[positive]
         index = node.GetNumberOfControlPoints() - 1
-        ras = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPositionWorld(index, ras)
-        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        sliceNode = crosshair.GetCursorPositionXYZ([0.0, 0.0, 0.0]) if crosshair else None
-        sliceNode = sliceNode or mrml.closest_slice_node(slicer.mrmlScene, ras)
-        if not self._ensureSegmentStarted():
-            node.RemoveNthControlPoint(index)
-            return
+        ras, sliceNode = mrml.placed_point(slicer.mrmlScene, node, index)
         try:
-            prepared = self.logic.prepareClick(ras, positive, sliceNode or "Axial")
+            self._ensureSegmentStarted()
+            job = self.logic.prepareClick(ras, positive, sliceNode or "Axial")
         except OAIMSError as error:
             node.RemoveNthControlPoint(index)
             self._showError(error)
             return
         self._placed.append((node, index))
-        self._submit(self.logic.computeClick, prepared, self._showClick)
+        self._submit(job)
 
-    def _ensureSegmentStarted(self) -> bool:
+    def _ensureSegmentStarted(self) -> None:
         volume = self.ui.inputVolumeSelector.currentNode()
         segmentation = self.ui.segmentSelectorWidget.currentNode()
         if self.logic.card is None or volume is None or segmentation is None:
-            self._showError("Choose a model, an input volume and a segmentation first.")
-            return False
+            raise OAIMSError("Choose a model, an input volume and a segmentation first.")
         if self.logic.volumeNode is not volume or self.logic.segmentationNode is not segmentation:
-            try:
-                self.logic.startSegment(volume, segmentation, self.ui.segmentSelectorWidget.currentSegmentID() or None)
-            except OAIMSError as error:
-                self._showError(error)
-                return False
-        return True
+            self.logic.startSegment(volume, segmentation, self.ui.segmentSelectorWidget.currentSegmentID() or None)
 
-    # -- worker ---------------------------------------------------------------------------
+    def _unplaceLast(self) -> None:
+        if self._placed:
+            node, index = self._placed.pop()
+            if index < node.GetNumberOfControlPoints():
+                node.RemoveNthControlPoint(index)
 
-    def _submit(self, compute: Callable, argument: Any, apply: Callable) -> None:
-        """Run ``compute(argument)`` on the worker, then ``apply(result)`` on the main thread (MRML)."""
-        self._jobs.append((self._executor.submit(compute, argument), apply, time.monotonic()))
+    def _clearPoints(self) -> None:
+        for node in self._pointLists.values():
+            node.RemoveAllControlPoints()
+        self._placed.clear()
+
+    def _queue(self, prepare: Callable[[], Job], then: Optional[Callable[[], None]] = None) -> None:
+        """Prepare a job on the main thread (refused with a message if it does not fit) and submit it."""
+        try:
+            job = prepare()
+        except OAIMSError as error:
+            self._showError(error)
+            return
+        if then is not None:
+            then()
+        self._submit(job)
+
+    def _submit(self, job: Job) -> None:
+        """Run ``logic.compute(job)`` on the worker; :meth:`_poll` applies it on the main thread (MRML)."""
+        self._jobs.append((self._executor.submit(self.logic.compute, job), time.monotonic()))
         self._setButtonsEnabled(False)
         self._timer.start()
 
     def _poll(self) -> None:
         while self._jobs and self._jobs[0][0].done():
-            future, apply, _ = self._jobs.pop(0)
+            job = self._jobs.pop(0)[0].result()
             try:
-                apply(future.result())
+                self._show(job, self.logic.apply(job))
             except Exception as error:  # shown to the user; the Logic's state is consistent
                 self._showError(error)
-        busy = bool(self._jobs) and time.monotonic() - self._jobs[0][2] > self.BUSY_DELAY_S
-        self.ui.busyProgressBar.visible = busy
+        self.ui.busyProgressBar.visible = bool(self._jobs) and time.monotonic() - self._jobs[0][1] > self.BUSY_DELAY_S
         if not self._jobs:
             self._timer.stop()
             self._setButtonsEnabled(True)
@@ -885,32 +633,23 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.pickProposalButton, self.ui.siteCollapsibleButton, self.ui.modelComboBox):
             button.enabled = enabled
 
-    # -- results --------------------------------------------------------------------------
-
-    def _showClick(self, computed: ComputedClick) -> None:
-        report = self.logic.applyClick(computed)
-        self.ui.latencyLabel.text = (
-            f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), "
-            f"{report['clicks']} click(s) on slice {report['sliceAxis']}={report['sliceIndex']}"
-        )
-        if report["previousImage"]:
-            self.ui.statusLabel.text = f"Previous slice accepted: {report['previousImage']['message']}"
-
-    def _showAccept(self, report: dict) -> None:
-        self.logic.applyAccept(report)
-        self._clearPoints()
-        self.ui.statusLabel.text = f"Accepted ({report['latencyMs']:.0f} ms): {report['message']}"
-        if not report["saved"] and report["applied"]:
-            slicer.util.warningDisplay(report["message"], windowTitle="OAIMS Segment")
+    def _show(self, job: Job, report: dict) -> None:
+        if job.kind == "click":
+            self.ui.latencyLabel.text = (
+                f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), "
+                f"{report['clicks']} click(s) on slice {report['sliceAxis']}={report['sliceIndex']}"
+            )
+            if report["previousImage"]:
+                self.ui.statusLabel.text = f"Previous slice accepted: {report['previousImage']['message']}"
+        elif job.kind == "accept":
+            self._clearPoints()
+            self.ui.statusLabel.text = f"Accepted ({report['latencyMs']:.0f} ms): {report['message']}"
+            if not report["saved"] and report["applied"]:
+                slicer.util.warningDisplay(report["message"], windowTitle="OAIMS Segment")
 
     def _showError(self, error: Union[Exception, str]) -> None:
         self.ui.statusLabel.text = str(error)
         logging.error(f"OAIMSSegment: {error}")
-
-    def _clearPoints(self) -> None:
-        for node in self._pointLists.values():
-            node.RemoveAllControlPoints()
-        self._placed.clear()
 
     def _updateSiteInfo(self) -> None:
         info = self.logic.siteModelInfo()
@@ -919,55 +658,47 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.siteInfoLabel.text = text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
         self.ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
 
-    # -- controls -------------------------------------------------------------------------
+    def _listModels(self) -> None:
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItem("(select a model)", "")
+        if self.logic.missingDependencies():
+            self.ui.modelComboBox.addItem("Install dependencies and list models...", "__install__")
+            return
+        for card in self.logic.availableModels():
+            self.ui.modelComboBox.addItem(f"{card.name}: {card.task}", card.name)
 
     def onModelChanged(self, index: int) -> None:
         name = self.ui.modelComboBox.itemData(index)
         if name == "__install__":
-            self._installDependencies()
+            try:
+                with slicer.util.WaitCursor():
+                    self.logic.setupPythonRequirements(confirm=slicer.util.confirmOkCancelDisplay)
+            except OAIMSError as error:
+                slicer.util.errorDisplay(str(error), windowTitle="OAIMS Segment")
+                return
+            self._listModels()
             return
-        if not name:
-            return
-        try:
-            with slicer.util.WaitCursor():
-                card = self.logic.setModel(name)
-        except OAIMSError as error:
-            self._showError(error)
+        if not name or not self._runNow(self.logic.setModel, name):
             return
         self._clearPoints()
         self.ui.classComboBox.clear()
-        for className, classIndex in sorted(card.labels.items(), key=lambda item: item[1]):
+        for className, classIndex in sorted(self.logic.card.labels.items(), key=lambda item: item[1]):
             if classIndex:
                 self.ui.classComboBox.addItem(className, classIndex)
         settings = self.logic.adaptationSettings()
-        for spinBox, key in ((self.ui.sigmaSpinBox, "sigma"), (self.ui.betaSpinBox, "beta"), (self.ui.lrSpinBox, "lr")):
-            wasBlocked = spinBox.blockSignals(True)
-            spinBox.value = settings[key]
-            spinBox.blockSignals(wasBlocked)
-        wasBlocked = self.ui.clickLabelCheckBox.blockSignals(True)
-        self.ui.clickLabelCheckBox.checked = settings["clickLabel"]
-        self.ui.clickLabelCheckBox.blockSignals(wasBlocked)
-        self._updateSiteInfo()
-
-    def _installDependencies(self) -> None:
-        try:
-            with slicer.util.WaitCursor():
-                self.logic.setupPythonRequirements(confirm=lambda message: slicer.util.confirmOkCancelDisplay(message))
-        except OAIMSError as error:
-            slicer.util.errorDisplay(str(error), windowTitle="OAIMS Segment")
-            return
-        self.ui.modelComboBox.clear()
-        self.ui.modelComboBox.addItem("(select a model)", "")
-        for card in self.logic.availableModels():
-            self.ui.modelComboBox.addItem(f"{card.name}: {card.task}", card.name)
+        for widget, key, value in ((self.ui.sigmaSpinBox, "sigma", "value"), (self.ui.betaSpinBox, "beta", "value"),
+                                   (self.ui.lrSpinBox, "lr", "value"), (self.ui.clickLabelCheckBox, "clickLabel", "checked")):
+            wasBlocked = widget.blockSignals(True)
+            setattr(widget, value, settings[key])
+            widget.blockSignals(wasBlocked)
 
     def onSiteChanged(self, name: str) -> None:
         if name:
-            self._runSiteAction(lambda: self.logic.setSite(name))
+            self._runNow(self.logic.setSite, name)
 
     def onStoreFolderChanged(self, path: str) -> None:
         qt.QSettings().setValue("OAIMSSegment/StoreFolder", path)
-        self._runSiteAction(lambda: self.logic.setStoreFolder(path))
+        self._runNow(self.logic.setStoreFolder, path)
 
     def onInputsChanged(self, *_: Any) -> None:
         # The Logic starts the segment lazily at the next click (see _ensureSegmentStarted).
@@ -978,72 +709,35 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setActiveClass(int(self.ui.classComboBox.itemData(index)))
 
     def onAdaptationChanged(self, *_: Any) -> None:
-        self.logic.setAdaptation(
-            mi=self.ui.miCheckBox.checked,
-            pi=self.ui.piCheckBox.checked,
-            sigma=self.ui.sigmaSpinBox.value,
-            beta=self.ui.betaSpinBox.value,
-            lr=self.ui.lrSpinBox.value,
-            clickLabel=self.ui.clickLabelCheckBox.checked,
-        )
-
-    def onUndo(self) -> None:
-        if self._placed:
-            node, index = self._placed.pop()
-            if index < node.GetNumberOfControlPoints():
-                node.RemoveNthControlPoint(index)
-        self._submit(lambda _: self.logic.computeUndo(), None, self.logic.applyUndo)
-
-    def onAccept(self) -> None:
-        self._submit(lambda _: self.logic.computeAccept(), None, self._showAccept)
-
-    def onDiscard(self) -> None:
-        self._clearPoints()
-        self._submit(lambda _: self.logic.computeDiscard(), None, self.logic.applyDiscard)
+        ui = self.ui
+        self.logic.setAdaptation(mi=ui.miCheckBox.checked, pi=ui.piCheckBox.checked, sigma=ui.sigmaSpinBox.value,
+                                 beta=ui.betaSpinBox.value, lr=ui.lrSpinBox.value, clickLabel=ui.clickLabelCheckBox.checked)
 
     def onPropose(self) -> None:
-        try:
-            self.logic.proposeNextSteps(int(self.ui.proposalCountSpinBox.value))
-        except OAIMSError as error:
-            self._showError(error)
-            return
-        self.ui.proposalIndexSpinBox.maximum = int(self.ui.proposalCountSpinBox.value)
+        count = int(self.ui.proposalCountSpinBox.value)
+        if self._runNow(self.logic.proposeNextSteps, count):
+            self.ui.proposalIndexSpinBox.maximum = count
 
-    def onPickProposal(self) -> None:
-        try:
-            self.logic.pickProposal(int(self.ui.proposalIndexSpinBox.value) - 1)
-        except OAIMSError as error:
-            self._showError(error)
-
-    def _runSiteAction(self, action: Callable[[], Any]) -> None:
+    def _runNow(self, action: Callable, *args: Any) -> bool:
+        """Run a Logic action now, on the main thread; show its error; refresh the site line. True if it succeeded."""
         try:
             with slicer.util.WaitCursor():
-                action()
+                action(*args)
+            return True
         except OAIMSError as error:
             self._showError(error)
-        self._updateSiteInfo()
+            return False
+        finally:
+            self._updateSiteInfo()
 
     def onResetSite(self) -> None:
         if slicer.util.confirmOkCancelDisplay("Reset this site to the pretrained model? Saved versions are kept."):
-            self._runSiteAction(self.logic.resetSiteModel)
+            self._runNow(self.logic.resetSiteModel)
 
-    def onRollback(self) -> None:
-        self._runSiteAction(lambda: self.logic.rollbackSiteModel(int(self.ui.rollbackSpinBox.value)))
-
-    def onExport(self) -> None:
-        path = qt.QFileDialog.getSaveFileName(None, "Export site model", "", "OAIMS site model (*.oaims.zip)")
+    def _archiveAction(self, askPath: Callable, verb: str, action: Callable[[str], Any]) -> None:
+        path = askPath(None, f"{verb} site model", "", "OAIMS site model (*.oaims.zip)")
         if path:
-            self._runSiteAction(lambda: self.logic.exportSiteModel(path))
-
-    def onImport(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(None, "Import site model", "", "OAIMS site model (*.oaims.zip)")
-        if path:
-            self._runSiteAction(lambda: self.logic.importSiteModel(path))
-
-
-#
-# Test
-#
+            self._runNow(action, path)
 
 
 class OAIMSSegmentTest(ScriptedLoadableModuleTest):
@@ -1060,12 +754,11 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
         import tempfile
 
         logic = OAIMSSegmentLogic(storeFolder=tempfile.mkdtemp(prefix="oaims-sites-"))
-        if logic.missingDependencies():
-            self.delayDisplay(f"Skipped: missing {', '.join(logic.missingDependencies())}")
-            return
-        cards = [card for card in logic.availableModels() if card.image_channels == 1]
+        missing = logic.missingDependencies()
+        cards = [card for card in logic.availableModels() if card.image_channels == 1] if not missing else []
         if not cards:
-            self.delayDisplay("Skipped: no single-channel model is shipped in Resources/Models")
+            self.delayDisplay(f"Skipped: missing {', '.join(missing)}" if missing else
+                              "Skipped: no single-channel model is shipped in Resources/Models")
             return
         self.delayDisplay(f"Model {cards[0].name}")
         logic.setModel(cards[0].name)
@@ -1075,26 +768,19 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
         k, j, i = np.mgrid[:64, :64, :64]
         voxels = (100.0 * ((k - 32) ** 2 / 0.5 + (j - 30) ** 2 + (i - 34) ** 2 < 14**2) + 10.0).astype(np.float32)
         voxels += np.random.default_rng(0).normal(0, 2, voxels.shape).astype(np.float32)
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ball")
-        image = vtk.vtkImageData()
-        image.SetDimensions(64, 64, 64)
-        image.AllocateScalars(vtk.VTK_FLOAT, 1)
-        volume.SetAndObserveImageData(image)
-        volume.SetSpacing(0.9, 0.9, 2.0)
-        volume.SetOrigin(-30.0, -25.0, 10.0)
-        mrml.volume_array(volume)[:] = voxels
+        ijkToRas = np.diag([0.9, 0.9, 2.0, 1.0])
+        ijkToRas[:3, 3] = (-30.0, -25.0, 10.0)
+        volume = slicer.util.addVolumeFromArray(voxels, ijkToRas, "ball")
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ball segmentation")
         classSegments = logic.startSegment(volume, segmentation)
 
-        centre = mrml.ijk_to_world(volume) @ np.array([34, 30, 32, 1.0])
+        centre, outside = (mrml.ijk_to_world(volume) @ np.array([*ijk, 32, 1.0]) for ijk in ((34, 30), (5, 5)))
         report = logic.addClick(centre[:3], positive=True, sliceOrientation="Axial")
         self.assertEqual(report["ijk"], (34, 30, 32))
         self.delayDisplay(f"Click: {report['latencyMs']:.0f} ms, {report['foregroundPixels']} px")
         location = mrml.locate_click(volume, centre[:3], "Axial")
-        self.assertEqual(
-            mrml.read_slice_mask(segmentation, classSegments[1], volume, location).sum(), report["foregroundPixels"]
-        )
-        outside = mrml.ijk_to_world(volume) @ np.array([5, 5, 32, 1.0])
+        foreground = mrml.read_slice_mask(segmentation, classSegments[1], volume, location).sum()
+        self.assertEqual(foreground, report["foregroundPixels"])
         logic.addClick(outside[:3], positive=False, sliceOrientation="Axial")
         self.assertEqual(logic.undoClick()["clicks"], 1)
         logic.addClick(outside[:3], positive=False, sliceOrientation="Axial")

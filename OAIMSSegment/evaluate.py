@@ -96,9 +96,11 @@ def run_method(
     config: AdaptConfig,
     seed: int,
     progress: bool = True,
+    site: SiteSession | None = None,
 ) -> MethodRun:
-    """Segment ``samples`` in order with a fresh copy of ``model`` adapted by ``method``."""
-    session = InteractiveSession(copy.deepcopy(model), method, config)
+    """Segment ``samples`` in order with a fresh copy of ``model`` adapted by ``method``, or with
+    ``site``'s session (at the site's current version), accepting each image into the site."""
+    session = InteractiveSession(copy.deepcopy(model), method, config) if site is None else site.session
     labels = model.card.labels
     rng = np.random.default_rng(seed)
     run = MethodRun()
@@ -125,7 +127,7 @@ def run_method(
             curve.append(mean_foreground(scores, labels))
             for name, value in scores.items():
                 per_class.setdefault(name, []).append(value)
-        accepted = session.accept()
+        accepted = session.accept() if site is None else site.accept().outcome
         if accepted.applied:
             run.accepted_updates += 1
             run.pi_ms.append(accepted.latency_ms)
@@ -167,12 +169,15 @@ def evaluate(
     protocol: Protocol,
     seeds: Sequence[int],
     config: AdaptConfig | None = None,
+    site: SiteSession | None = None,
 ) -> dict:
     """Run every method over the sequence for every seed; return the JSON-ready summary.
 
     Per method: ``dice`` (mean Dice after clicks 1..T, averaged over images, then seeds),
     ``dice_std`` (standard deviation over seeds), ``dice_per_class``, ``noc`` (``"80"``,
-    ``"90"``), ``latency_ms`` (``mi_p50``, ``mi_p95``, ``pi_p50``, ``pi_p95``).
+    ``"90"``), ``latency_ms`` (``mi_p50``, ``mi_p95``, ``pi_p50``, ``pi_p95``). With ``site``
+    (one method, one seed: see :func:`~OAIMSSegment.site_session.open_benchmark_site`) every
+    accept goes through :meth:`~OAIMSSegment.site_session.SiteSession.accept`.
     """
     config = config or AdaptConfig()
     unknown = [m for m in methods if m not in METHODS]
@@ -182,7 +187,7 @@ def evaluate(
     orders = {seed: order_samples(samples, model, protocol, seed) for seed in seeds}
     results: dict[str, dict] = {}
     for method in methods:
-        per_seed = [run_method(model, method, orders[seed], protocol, config, seed) for seed in seeds]
+        per_seed = [run_method(model, method, orders[seed], protocol, config, seed, site=site) for seed in seeds]
         curves = np.array([np.mean(run.dice, axis=0) for run in per_seed])  # seeds x clicks
         all_curves = np.concatenate([np.array(run.dice) for run in per_seed])
         names = list(per_seed[0].dice_per_class)
@@ -273,6 +278,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--json", required=True, help="write results here")
     parser.add_argument("--plot", help="write a Dice-vs-clicks PNG here")
+    parser.add_argument("--site-store", help="accept every image into a site of this site model store, saving a "
+                        "version per image that adapted the model (one method, one seed)")
+    parser.add_argument("--site", help="site name in --site-store (default: default)")
     parser.set_defaults(func=_run_evaluate)
 
 
@@ -303,8 +311,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     protocol = Protocol(args.clicks, args.wrong_fraction, args.first_wrong, args.order)
     config = AdaptConfig(lr=args.lr, beta=args.beta, sigma=args.sigma).for_model(model.card)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    from OAIMSSegment.site_session import open_benchmark_site
+
+    site = open_benchmark_site(args, model, methods, seeds, config)
     started = time.time()
-    summary = evaluate(model, samples, methods, protocol, seeds, config)
+    summary = evaluate(model, samples, methods, protocol, seeds, config, site)
+    if site is not None:
+        summary["site"] = {**vars(site.info()), "saved_versions": site.saved}
     summary.update({
         "n_images": len(samples), "dataset": f"{dataset.name}/images{args.split}", "model": model.card.name,
         "seed": args.seed, "seeds": seeds, "protocol": vars(protocol), "config": vars(config),

@@ -363,6 +363,79 @@ def write_slice_mask(
             raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
 
 
+@dataclass(frozen=True)
+class SegmentedSlice:
+    """One slice being segmented: where it is, its image and what its segments held before the
+    first click, so that results can be written there and the slice put back as it was.
+
+    Attributes:
+        image: the slice's intensities, channels first ``(C, H, W)`` (:func:`extract_slice`).
+        before: ``{class index: bool (H, W)}``, each class segment on the slice when it was read.
+    """
+
+    volume_node: "slicer.vtkMRMLVolumeNode"
+    segmentation_node: "slicer.vtkMRMLSegmentationNode"
+    class_segments: Mapping[int, str]
+    location: SliceLocation
+    image: np.ndarray
+    before: Mapping[int, np.ndarray]
+
+    @classmethod
+    def read(cls, volume_node, segmentation_node, class_segments: Mapping[int, str], location: SliceLocation) -> "SegmentedSlice":
+        """Read the slice at ``location`` and what ``class_segments`` hold there."""
+        before = {index: read_slice_mask(segmentation_node, segment_id, volume_node, location)
+                  for index, segment_id in class_segments.items()}
+        image = extract_slice(volume_node, location)
+        return cls(volume_node, segmentation_node, dict(class_segments), location, image, before)
+
+    def write(self, mask: np.ndarray, class_segments: "Mapping[int, str] | None" = None) -> None:
+        """:func:`write_slice_mask` on this slice (into ``class_segments``, default the class segments)."""
+        write_slice_mask(self.segmentation_node, self.volume_node, self.location, mask, class_segments or self.class_segments)
+
+    def restore(self) -> None:
+        """Put back what the class segments held on this slice when it was read."""
+        for index, segment_id in self.class_segments.items():
+            self.write(self.before[index].astype(np.uint8), {1: segment_id})
+
+
+def class_segments(segmentation_node: "slicer.vtkMRMLSegmentationNode", labels: Mapping[str, int],
+                   segment_id: "str | None" = None) -> dict[int, str]:
+    """``{class index: segment ID}`` for a model's foreground ``labels`` (``{name: index}``):
+    ``segment_id`` takes class 1 when given; the others are found by class name or created."""
+    result = {}
+    for name, index in sorted(labels.items(), key=lambda item: item[1]):
+        if index:
+            result[index] = segment_id if index == 1 and segment_id else ensure_segment(segmentation_node, name)
+    return result
+
+
+def remove_segments_named(segmentation_node: "slicer.vtkMRMLSegmentationNode", prefix: str) -> None:
+    """Remove every segment whose name starts with ``prefix`` (e.g. temporary proposal segments)."""
+    segmentation = segmentation_node.GetSegmentation()
+    for segment_id in list(segmentation.GetSegmentIDs()):
+        if segmentation.GetSegment(segment_id).GetName().startswith(prefix):
+            segmentation.RemoveSegment(segment_id)
+
+
+def click_point_list(scene: "slicer.vtkMRMLScene", positive: bool) -> "slicer.vtkMRMLMarkupsFiducialNode":
+    """A new markups point list for foreground (``positive``, green) or background (red) clicks, unlabelled."""
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "OAIMS foreground" if positive else "OAIMS background")
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetSelectedColor((0.2, 0.9, 0.2) if positive else (0.9, 0.2, 0.2))
+    node.GetDisplayNode().SetPointLabelsVisibility(False)
+    return node
+
+
+def placed_point(scene: "slicer.vtkMRMLScene", point_list: "slicer.vtkMRMLMarkupsFiducialNode", index: int):
+    """World RAS of control point ``index`` and the slice node of the view it was placed in (the
+    crosshair's, else the view whose plane passes closest to it; None if there is none)."""
+    ras = [0.0, 0.0, 0.0]
+    point_list.GetNthControlPointPositionWorld(index, ras)
+    crosshair = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    slice_node = crosshair.GetCursorPositionXYZ([0.0, 0.0, 0.0]) if crosshair else None
+    return ras, slice_node or closest_slice_node(scene, ras)
+
+
 def closest_slice_node(scene: "slicer.vtkMRMLScene", ras: "np.ndarray | list[float]") -> "slicer.vtkMRMLSliceNode | None":
     """The slice node whose plane passes closest to a world-RAS point (the view a point was placed in)."""
     point = np.append(np.asarray(ras, dtype=float)[:3], 1.0)

@@ -236,7 +236,7 @@ def test_dependency_install_uses_pytorch_utils_then_pip(module, monkeypatch):
     calls: list = []
     missing = [["torch", "monai"], []]  # before and after installation
     monkeypatch.setattr(module.OAIMSSegmentLogic, "missingDependencies", staticmethod(lambda: missing[0]))
-    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (calls.append(("pip", requirements)), missing.pop(0)))
 
     class PyTorchUtilsLogic:  # stand-in for the PyTorch extension's logic (an optional Slicer extension)
@@ -404,7 +404,7 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     pretrained = {k: v.clone() for k, v in load_model(binary_model).state_dict().items()}
 
     centre = tuple(int(n // 2) for n in voxels.shape[::-1])
-    initial_state = logic._session.state_dict()
+    initial_state = logic.session.state_dict()
     clicks = [(centre, True), ((centre[0] + 3, centre[1] - 2, centre[2]), False), ((centre[0] - 4, centre[1] + 1, centre[2]), True)]
     before = export_segment(scene, segmentation, segment_id, volume)
     reports = [logic.addClick(world_of(volume, ijk, parent), positive, "Axial") for ijk, positive in clicks]
@@ -441,7 +441,7 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     assert accepted["saved"] and accepted["version"] == 2, accepted
     info = logic.siteModelInfo()
     assert (info["site"], info["version"], info["imagesAdapted"], info["versions"]) == ("hospital-a", 2, 2, [1, 2])
-    adapted = {k: v.clone() for k, v in logic._session.model.state_dict().items()}
+    adapted = {k: v.clone() for k, v in logic.session.model.state_dict().items()}
     assert any(not (adapted[k] == pretrained[k]).all() for k in pretrained)
     with pytest.raises(SessionStateError, match="nothing to accept"):
         logic.accept()
@@ -450,7 +450,7 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     resumed = module.OAIMSSegmentLogic(storeFolder=str(store))
     resumed.setModel(binary_model)
     assert resumed.setSite("hospital-a")["version"] == 2
-    assert all((resumed._session.model.state_dict()[k] == adapted[k]).all() for k in adapted)
+    assert all((resumed.session.model.state_dict()[k] == adapted[k]).all() for k in adapted)
 
     # Roll back, export, import, reset.
     assert logic.rollbackSiteModel(1)["version"] == 1
@@ -460,7 +460,7 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     assert logic.importSiteModel(archive)["version"] == 1
     reset = logic.resetSiteModel()
     assert reset["version"] == 0 and reset["imagesAdapted"] == 0
-    assert all((logic._session.model.state_dict()[k] == pretrained[k]).all() for k in pretrained)
+    assert all((logic.session.model.state_dict()[k] == pretrained[k]).all() for k in pretrained)
     assert logic.sites() == ["default", "hospital-a", "hospital-b"]  # setModel opened "default"
 
 
@@ -471,14 +471,64 @@ def test_discard_restores_the_slice_and_the_weights(module, scene, binary_model,
     logic.setModel(binary_model)
     (segment_id,) = logic.startSegment(volume, segmentation).values()
     assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "lesion"
-    weights = {k: v.clone() for k, v in logic._session.model.state_dict().items()}
+    weights = {k: v.clone() for k, v in logic.session.model.state_dict().items()}
     before = export_segment(scene, segmentation, segment_id, volume)
     for ijk, positive in (((28, 32, 20), True), ((10, 10, 20), False), ((30, 30, 20), True)):
         logic.addClick(world_of(volume, ijk), positive, "Axial")
     logic.discard()
     np.testing.assert_array_equal(export_segment(scene, segmentation, segment_id, volume), before)
-    assert all((logic._session.model.state_dict()[k] == weights[k]).all() for k in weights)
+    assert all((logic.session.model.state_dict()[k] == weights[k]).all() for k in weights)
     assert logic.siteModelInfo()["version"] == 0
+
+
+def test_two_clicks_queued_on_a_fresh_slice_segment_one_image(module, scene, binary_model, tmp_path):
+    """Two quick clicks: both are queued (prepared on the main thread) before the worker computes the
+    first, then both are computed, then both applied. They segment ONE image with two clicks:
+    nothing is accepted in between and no site version is saved."""
+    volume = add_volume(scene, ball_volume(), np.eye(4))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "sites"))
+    logic.setModel(binary_model)
+    (segment_id,) = logic.startSegment(volume, segmentation).values()
+    initial_state = logic.session.state_dict()
+    clicks = [((28, 32, 20), True), ((6, 5, 20), False)]
+    jobs = [logic.prepareClick(world_of(volume, ijk), positive, "Axial") for ijk, positive in clicks]
+    computed = [logic.compute(job) for job in jobs]
+    reports = [logic.apply(job) for job in computed]
+    assert [r["newImage"] for r in reports] == [True, False]
+    assert [r["clicks"] for r in reports] == [1, 2] and reports[1]["previousImage"] is None
+    assert [(c.position, c.label) for c in logic.session.clicks] == [((32, 28), 1), ((5, 6), 0)]
+    assert logic.siteModelInfo()["version"] == 0
+    expected = engine_replay(binary_model, initial_state, ball_volume()[20][np.newaxis], [((32, 28), 1), ((5, 6), 0)])
+    location = mrml.locate_click(volume, world_of(volume, (28, 32, 20)), "Axial")
+    np.testing.assert_array_equal(mrml.read_slice_mask(segmentation, segment_id, volume, location), expected == 1)
+    accepted = logic.accept()
+    assert accepted["clicks"] == 2 and accepted["version"] == 1
+
+
+def test_a_failed_job_leaves_what_is_open_matching_the_session(module, scene, binary_model, tmp_path):
+    """A click on a constant slice fails on the worker, and so does the click queued behind it on that
+    slice; apply() raises each error and, once nothing is pending, the main thread's state is read
+    back from the session: no image is open, there is nothing to undo, the next click starts afresh."""
+    voxels = ball_volume()
+    voxels[5] = 7.0  # a constant slice: nothing to segment
+    volume = add_volume(scene, voxels, np.eye(4))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "sites"))
+    logic.setModel(binary_model)
+    logic.startSegment(volume, segmentation)
+    jobs = [logic.prepareClick(world_of(volume, ijk), True, "Axial") for ijk in ((28, 32, 5), (20, 30, 5))]
+    with pytest.raises(SessionStateError, match="wait for the 2 queued"):
+        logic.rollbackSiteModel(0)  # the session is the worker's while jobs are queued
+    computed = [logic.compute(job) for job in jobs]
+    with pytest.raises(InvalidImageError, match="constant"):
+        logic.apply(computed[0])
+    with pytest.raises(SessionStateError, match="no image is open"):
+        logic.apply(computed[1])
+    with pytest.raises(SessionStateError, match="no click to undo"):
+        logic.undoClick()
+    report = logic.addClick(world_of(volume, (28, 32, 20)), True, "Axial")
+    assert report["newImage"] and report["clicks"] == 1 and report["previousImage"] is None
 
 
 def test_unwritable_store_keeps_segmenting_and_says_the_model_was_not_saved(module, scene, binary_model, tmp_path):
@@ -505,17 +555,17 @@ def test_settings_changes_apply_to_the_next_image(module, scene, binary_model, t
     defaults = {"mi": True, "pi": True, "sigma": 3.0, "beta": 200.0, "lr": DEFAULT_LR, "clickLabel": False}
     assert logic.adaptationSettings() == defaults
     logic.setAdaptation(mi=False, pi=True, lr=3e-4, sigma=2.0, beta=100.0, clickLabel=True)
-    assert logic._session.method == "pi"
-    assert logic._session.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
+    assert logic.session.method == "pi"
+    assert logic.session.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
     assert logic.adaptationSettings()["lr"] == pytest.approx(3e-4)
     logic.startSegment(volume, segmentation)
     logic.addClick(world_of(volume, (28, 32, 20)), True)
     assert logic.addClick(world_of(volume, (5, 5, 20)), False)["adaptMs"] == 0  # MI off
     logic.setAdaptation(mi=True)
-    assert logic._session.method == "pi"  # the open image keeps its rules
+    assert logic.session.method == "pi"  # the open image keeps its rules
     logic.accept()
-    assert logic._session.method == "pi+mi"
-    config = logic._session.config
+    assert logic.session.method == "pi+mi"
+    config = logic.session.config
     assert (config.sigma, config.beta, config.mi_click_label) == (2.0, 100.0, True)
     logic.setModel(binary_model)  # a learning rate belongs to a model: back to the card's
     assert logic.adaptationSettings() == {**defaults, "sigma": 2.0, "beta": 100.0, "clickLabel": True}

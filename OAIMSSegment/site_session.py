@@ -1,0 +1,308 @@
+"""The site workflow: one model at one site, segmenting and keeping what it learns.
+
+A :class:`SiteSession` joins an :class:`~OAIMSSegment.session.InteractiveSession` (the model
+that segments and adapts) and that model's versions at one site in a
+:class:`~OAIMSSegment.store.SiteModelStore` (``<store folder>/<site>/<model name>/``). It opens
+the site and loads its current version (version 0: the pretrained weights), and owns what the
+Slicer Logic, ``evaluate --site-store`` and the tests do with a site:
+
+* :meth:`~SiteSession.accept`: post-interaction adaptation (``session.accept``) and, when the
+  model changed, a new site version whose history line records the images behind it, the clicks,
+  the Dice before/after the update and ``based_on``, the version the update was computed on;
+* :meth:`~SiteSession.rollback`, :meth:`~SiteSession.reset`, :meth:`~SiteSession.export`,
+  :meth:`~SiteSession.import_archive` and :meth:`~SiteSession.info`.
+
+The number of images behind a version is saved with its weights (state key ``"images"``), so it
+travels with rollbacks, milestones and exported archives, and survives a lost history line; for
+versions saved before that, it is read from the history line that created the version.
+
+A site that cannot be opened (read-only or missing folder, a bad name, a current version that
+does not fit the model) leaves the pretrained weights in use: segmentation goes on, and
+:attr:`SiteSession.problem` says why nothing is saved. No Qt and no Slicer here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from OAIMSSegment.errors import OAIMSError, SessionStateError, StoreError
+from OAIMSSegment.model import ClickSegmenter
+from OAIMSSegment.session import AcceptResult, AdaptConfig, InteractiveSession
+from OAIMSSegment.store import SiteModel, SiteModelStore
+
+__all__ = ["SiteSession", "SiteAccept", "SiteInfo", "IMAGES_KEY", "open_benchmark_site"]
+
+_LOG = logging.getLogger(__name__)
+
+#: State key under which a saved version records how many accepted images it was adapted on.
+IMAGES_KEY = "images"
+
+
+@dataclass(frozen=True)
+class SiteAccept:
+    """What accepting an image did to the site.
+
+    Attributes:
+        outcome: the session's post-interaction result (PI applied or why not, losses, Dice).
+        adapted: the weights changed while segmenting the image (PI applied, or MI steps after
+            more than one click), so a new version is due.
+        saved: a new site version was written.
+        version: its number (None when nothing was saved).
+        images: accepted images behind the weights now in use (None: unknown).
+        message: one line for the user, saying so when saving failed.
+    """
+
+    outcome: AcceptResult
+    adapted: bool
+    saved: bool
+    version: int | None
+    images: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """State of a site model (see :meth:`SiteSession.info`).
+
+    Attributes:
+        site, model, method, store_folder: what is open, and where.
+        version: the store's current version (0: the pretrained model).
+        images: accepted images behind that version (None: unknown).
+        versions: the versions kept in the store, oldest first.
+        problem: why nothing is saved ("" when the site is usable).
+    """
+
+    site: str
+    model: str
+    method: str
+    store_folder: str
+    version: int = 0
+    images: int | None = 0
+    versions: list[int] = field(default_factory=list)
+    problem: str = ""
+
+
+class SiteSession:
+    """An interactive session whose adaptation is kept as versions of one site's model.
+
+    Args:
+        session: the session that segments; its weights are replaced by the site's current version.
+        store_folder: root folder of the site model store.
+        site: site name (created, at version 0, on first use).
+
+    Attributes:
+        session: the :class:`InteractiveSession` (start, add_click, undo and discard go to it directly).
+        site, store_folder: what is open.
+        version: the version the session's weights came from (loaded, or last saved by this session).
+        images: accepted images behind the session's weights (None: unknown).
+        problem: why the site is not usable ("" when it is).
+        saved: versions this session saved, oldest first.
+    """
+
+    def __init__(self, session: InteractiveSession, store_folder: str | os.PathLike, site: str = "default") -> None:
+        self.session = session
+        self.site = site
+        self.store_folder = str(store_folder)
+        self.saved: list[int] = []
+        self.open()
+
+    @staticmethod
+    def sites(store_folder: str | os.PathLike) -> list[str]:
+        """Sites that already hold a model in ``store_folder``."""
+        return SiteModelStore(store_folder).sites()
+
+    @property
+    def site_model(self) -> SiteModel | None:
+        """The store's handle on this site and model (None when :attr:`problem` is set)."""
+        return self._site_model
+
+    def open(self, site: str | None = None, store_folder: str | os.PathLike | None = None) -> None:
+        """(Re)open the site (``site`` and ``store_folder`` change it when given) and load its current
+        version. An image still open is discarded with its updates."""
+        if site is not None:
+            self.site = site
+        if store_folder is not None:
+            self.store_folder = str(store_folder)
+        card = self.session.card
+        self._site_model: SiteModel | None = None
+        self.problem = ""
+        self.version, self.images = 0, 0
+        try:
+            site_model = SiteModelStore(self.store_folder).open(self.site, card.name, card.sha256)
+            self._load(site_model)
+        except StoreError as error:
+            self.session.reset_weights()
+            self.problem = str(error)
+            _LOG.warning("OAIMSSegment: site model not available, using the pretrained model: %s", error)
+            return
+        self._site_model = site_model
+
+    def _load(self, site_model: SiteModel) -> None:
+        """Put the store's current version into the session (the pretrained weights at version 0)."""
+        self.session.reset_weights()
+        self.version, self.images = 0, 0
+        state = site_model.load_current()
+        if state is None:
+            return
+        version = int(site_model.loaded_version)
+        try:
+            self.session.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            self.session.reset_weights()
+            raise StoreError(
+                f"version {version} of site {site_model.site!r} does not fit model {site_model.model_name!r}: {error}"
+            ) from error
+        count = state.get(IMAGES_KEY)
+        known = isinstance(count, int) and not isinstance(count, bool)
+        self.version, self.images = version, count if known else _images_from_history(site_model, version)
+
+    def _require_site(self) -> SiteModel:
+        if self.session.active:
+            raise SessionStateError("accept or discard the current image first")
+        if self._site_model is None:
+            raise StoreError(self.problem or "no site is open")
+        return self._site_model
+
+    # -- accepting an image ---------------------------------------------------------------------
+
+    def accept(self, mask: np.ndarray | None = None) -> SiteAccept:
+        """Accept the open image (``session.accept(mask)``, ``mask`` the accepted class map ``(H, W)``
+        or None for the prediction: PI when the method has it) and, when the model changed, save a new
+        site version.
+
+        A save that fails (read-only or full store) keeps the adapted weights in use and says so in
+        the message; nothing raises for it.
+        """
+        session = self.session
+        based_on = self.version
+        outcome = session.accept(mask=mask)
+        if not (outcome.applied or (session.mi_enabled and outcome.clicks > 1)):
+            return SiteAccept(outcome, False, False, None, self.images, "the model did not change; no new site version")
+        # The weights in use now hold this image's update, whether or not it can be saved.
+        self.images = (self.images or 0) + 1
+        if self._site_model is None:
+            message = f"the site model was NOT saved: {self.problem or 'no site is open'}"
+            return SiteAccept(outcome, True, False, None, self.images, message)
+        info = {"images": self.images, "clicks": outcome.clicks, "method": session.method, "pi_applied": outcome.applied}
+        if outcome.reason:
+            info["reason"] = outcome.reason
+        info.update(dice_before=outcome.dice_before, dice_after=outcome.dice_after, based_on=based_on)
+        try:
+            version = self._site_model.save_version({**session.state_dict(), IMAGES_KEY: self.images}, info)
+        except StoreError as error:
+            message = f"the site model was NOT saved: {error}"
+            _LOG.warning("OAIMSSegment: %s", message)
+            return SiteAccept(outcome, True, False, None, self.images, message)
+        self.version = version
+        self.saved.append(version)
+        return SiteAccept(outcome, True, True, version, self.images,
+                          f"site '{self.site}' is now at version {version} ({self.images} images)")
+
+    def start(self, image: np.ndarray, accept_mask: np.ndarray | None = None,
+              settings: tuple | None = None) -> SiteAccept | None:
+        """Open a new ``image`` (``(C, H, W)`` or ``(H, W)`` raw intensities, ``session.start``): the one still open is accepted first when it has
+        clicks (else dropped), and ``settings`` take effect in between (see :meth:`close`). Returns
+        the accept of the previous image, if there was one."""
+        previous = self.close(self.session.active and bool(self.session.clicks), accept_mask, settings)
+        self.session.start(image)
+        return previous
+
+    def close(self, accept: bool, mask: np.ndarray | None = None, settings: tuple | None = None) -> SiteAccept | None:
+        """Accept the open image (:meth:`accept` with ``mask``) or, with ``accept`` False, discard it
+        with its updates; then ``settings``, ``(method, AdaptConfig)``, take effect
+        (``session.reconfigure``: an image is adapted under one set of rules)."""
+        try:
+            return self.accept(mask) if accept else None
+        finally:
+            self.session.discard()
+            if settings:
+                self.session.reconfigure(*settings)
+
+    # -- managing versions ------------------------------------------------------------------------
+
+    def rollback(self, version: int) -> None:
+        """Make an earlier ``version`` current (0 = pretrained) and use its weights."""
+        site_model = self._require_site()
+        site_model.rollback(int(version))
+        self._load(site_model)
+
+    def reset(self) -> None:
+        """Back to the pretrained model (stored versions are kept: roll back to undo)."""
+        self._require_site().reset()
+        self.session.reset_weights()
+        self.version, self.images = 0, 0
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write the site's current weights and history to one file (to share with another site)."""
+        return self._require_site().export(path)
+
+    def import_archive(self, path: str | os.PathLike) -> int:
+        """Import a file written by :meth:`export` as this site's new current version and use it.
+
+        Weights (and optimizer state) that the session could not load are refused before anything
+        is committed. Returns the new version.
+        """
+        site_model = self._require_site()
+        session = self.session
+        probe = InteractiveSession(copy.deepcopy(session.model), session.method, session.config)
+        version = site_model.import_archive(path, check=probe.load_state_dict)
+        self._load(site_model)
+        return version
+
+    def info(self) -> SiteInfo:
+        """Site, model, method, store folder, the store's current version, images behind it, kept
+        versions and the problem, if any (read from the store: another workstation may have saved)."""
+        fields = dict(site=self.site, model=self.session.card.name, method=self.session.method,
+                      store_folder=self.store_folder, problem=self.problem)
+        if self._site_model is None:
+            return SiteInfo(**fields)
+        try:
+            current = self._site_model.current_version
+            versions = [v.version for v in self._site_model.versions()]
+            images = self.images if current == self.version else _images_from_history(self._site_model, current)
+        except StoreError as error:
+            return SiteInfo(**{**fields, "problem": str(error)})
+        return SiteInfo(**fields, version=current, images=images, versions=versions)
+
+
+def _images_from_history(site_model: SiteModel, version: int) -> int | None:
+    """Images behind ``version`` from the history line that created it (sites saved before the count
+    was kept with the weights); None if unknown (an imported archive, a lost line)."""
+    if version == 0:
+        return 0
+    for entry in reversed(site_model.history()):
+        if entry.get("version") == version and entry.get("action") in ("adapt", "import"):
+            return entry.get("images")
+    return None
+
+
+def open_benchmark_site(
+    args: argparse.Namespace, model: ClickSegmenter, methods: list[str], seeds: list[int], config: AdaptConfig
+) -> SiteSession | None:
+    """The site that ``evaluate --site-store DIR [--site NAME]`` accepts into, or None without ``--site-store``.
+
+    The run continues from the site's current version and saves one version per image that
+    adapted the model, as a workstation would. A site holds one sequence of updates, so the run
+    takes exactly one method and one seed. Raises OAIMSError when the site cannot be used.
+    """
+    if not args.site_store:
+        if args.site:
+            raise OAIMSError("--site needs --site-store (the store folder that holds the site)")
+        return None
+    if len(methods) != 1 or len(seeds) != 1:
+        raise OAIMSError(f"--site-store runs one method and one seed (got {len(methods)} method(s), {len(seeds)} seed(s))")
+    try:
+        session = InteractiveSession(copy.deepcopy(model), methods[0], config)
+    except ValueError as error:
+        raise OAIMSError(str(error)) from error
+    site = SiteSession(session, args.site_store, args.site or "default")
+    if site.problem:
+        raise StoreError(site.problem)
+    return site
