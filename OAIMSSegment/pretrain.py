@@ -33,7 +33,8 @@ from OAIMSSegment.clicks import Click, correction_click, guidance_maps, localiza
 from OAIMSSegment.data import NnUNetDataset, Sample, synthetic_samples
 from OAIMSSegment.errors import DatasetError, ModelError
 from OAIMSSegment.losses import DiceFocal, ccg_loss
-from OAIMSSegment.model import ClickSegmenter, ModelCard, atomic_write_bytes, hard_labels, load_model, save_model
+from OAIMSSegment.files import atomic_write_bytes
+from OAIMSSegment.model import ClickSegmenter, ModelCard, hard_labels, load_model, save_model
 
 
 @dataclass

@@ -30,14 +30,11 @@ No Qt and no Slicer imports here: this is engine code, used by the CLI and the S
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
 import os
 import re
-import tempfile
-import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -50,6 +47,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from OAIMSSegment.errors import StoreError
+from OAIMSSegment.files import atomic_write_bytes, sha256_bytes
 
 __all__ = ["SiteModelStore", "SiteModel", "VersionInfo", "StoreWarning"]
 
@@ -108,50 +106,6 @@ def _validate_sha(sha: str) -> str:
     if not isinstance(sha, str) or not _SHA_RE.match(sha):
         raise StoreError(f"base_sha256 must be 64 lowercase hex characters, got {sha!r}")
     return sha
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX only: Windows cannot open folders for fsync)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(src: Path, dst: Path) -> None:
-    """``os.replace``; on Windows a reader holding ``dst`` open makes it fail briefly, so retry."""
-    for attempt in range(10 if os.name == "nt" else 1):
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if os.name != "nt" or attempt == 9:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _find_non_finite(obj: Any, where: str = "state") -> str | None:
@@ -294,9 +248,9 @@ class SiteModel:
 
     def _write_manifest(self, manifest: dict) -> None:
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
-        _atomic_write(self.path / MANIFEST, data)
+        atomic_write_bytes(self.path / MANIFEST, data, make_parents=False)
         # The backup lags at most one commit behind; only used if manifest.json itself rots.
-        _atomic_write(self.path / MANIFEST_BAK, data)
+        atomic_write_bytes(self.path / MANIFEST_BAK, data, make_parents=False)
 
     def _version_path(self, version: int, milestone: bool = False) -> Path:
         return self.path / VERSIONS / (f"v{version:06d}.m.pt" if milestone else f"v{version:06d}.pt")
@@ -398,7 +352,7 @@ class SiteModel:
             raise FileNotFoundError(f"version {version} file is missing") from e
         except OSError as e:
             raise StoreError(f"version {version} cannot be read: {e}") from e
-        if len(data) != entry["size"] or _sha256(data) != entry["sha256"]:
+        if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
             raise StoreError(
                 f"version {version} is corrupt (sha256 or size mismatch: {len(data)} bytes, expected {entry['size']})"
             )
@@ -463,14 +417,14 @@ class SiteModel:
 
     def _commit(self, data: bytes, action: str, info: dict) -> int:
         """Write ``data`` as the next version and make it current (caller validated ``data``)."""
-        sha = _sha256(data)
+        sha = sha256_bytes(data)
         try:
             with self.locked():
                 manifest = self._read_manifest()
                 self._sweep(manifest)
                 version = int(manifest["next_version"])
                 parent = int(manifest["current"])
-                _atomic_write(self._version_path(version), data)
+                atomic_write_bytes(self._version_path(version), data, make_parents=False)
                 now = _now()
                 manifest["versions"][str(version)] = {
                     "time": now, "sha256": sha, "size": len(data), "action": action,
@@ -533,9 +487,9 @@ class SiteModel:
             except (StoreError, FileNotFoundError):
                 continue
             data = _serialize({k: v for k, v in state.items() if k not in self.milestone_drop})
-            _atomic_write(self._version_path(version, milestone=True), data)
+            atomic_write_bytes(self._version_path(version, milestone=True), data, make_parents=False)
             replaced.append(self._entry_path(version, entry))
-            entry.update(sha256=_sha256(data), size=len(data), milestone=True)
+            entry.update(sha256=sha256_bytes(data), size=len(data), milestone=True)
         return replaced
 
     def _sweep(self, manifest: dict) -> None:
@@ -623,7 +577,7 @@ class SiteModel:
             "model_name": self.model_name,
             "base_sha256": self._read_manifest()["base_sha256"],
             "version": version,
-            "sha256": _sha256(data),
+            "sha256": sha256_bytes(data),
             "size": len(data),
             "exported": _now(),
             "history": self.history(),
@@ -634,7 +588,7 @@ class SiteModel:
             zf.writestr(ARCHIVE_MANIFEST, json.dumps(manifest, indent=1))
             zf.writestr(ARCHIVE_WEIGHTS, data)
         try:
-            _atomic_write(out, buf.getvalue())
+            atomic_write_bytes(out, buf.getvalue())
         except OSError as e:
             raise _error(f"exporting to {out}", e, "") from e
         return out
@@ -686,7 +640,7 @@ class SiteModel:
                 f"archive {src.name} was adapted from another base model (sha256 {str(theirs[1])[:12]}..., "
                 f"this site uses {base[:12]}...); not imported"
             )
-        if _sha256(data) != theirs[2]:
+        if sha256_bytes(data) != theirs[2]:
             raise StoreError(f"archive {src.name}: weights sha256 does not match its manifest (corrupt); not imported")
         state = _safe_load(data, f"archive {src.name}")
         if check is not None:

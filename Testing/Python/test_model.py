@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_card
 from OAIMSSegment.errors import ModelError
-from OAIMSSegment.model import ClickSegmenter, ModelCard, list_models, load_model, save_model, sha256_file
+from OAIMSSegment.files import sha256_file
+from OAIMSSegment.model import ClickSegmenter, ModelCard, list_models, load_model, save_model
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_model):
