@@ -331,12 +331,12 @@ def list_models(models_dir: str | Path = MODELS_DIR) -> list[ModelCard]:
 def load_model(name_or_path: str | Path, models_dir: str | Path = MODELS_DIR) -> ClickSegmenter:
     """Load a shipped model by name, or a card (``.json``) / weights (``.pt``, card beside it) by path.
 
-    The weights' sha256 must match the card; weights are loaded with ``weights_only=True``
+    The card must hold the weights' sha256 and it must match; weights are loaded with ``weights_only=True``
     (no pickled code is ever executed).
 
     Raises:
-        ModelError: unknown name, missing files, checksum mismatch, or weights that do not
-            fit the card's architecture.
+        ModelError: unknown name, missing files, a card without a sha256, checksum mismatch,
+            or weights that do not fit the card's architecture.
     """
     path = Path(name_or_path)
     if path.suffix == ".pt":
@@ -354,7 +354,12 @@ def load_model(name_or_path: str | Path, models_dir: str | Path = MODELS_DIR) ->
     weights_path = card_path.parent / card.weights
     if not weights_path.is_file():
         raise ModelError(f"weights file {weights_path} of model {card.name!r} not found")
-    if card.sha256 and sha256_file(weights_path) != card.sha256:
+    if not isinstance(card.sha256, str) or len(card.sha256) != 64:
+        raise ModelError(
+            f"model card {card_path} has no sha256 of its weights ({card.sha256!r}): "
+            "weights that cannot be verified are not loaded (save_model writes the checksum)"
+        )
+    if sha256_file(weights_path) != card.sha256:
         raise ModelError(f"weights {weights_path} do not match the sha256 in the card of {card.name!r} (corrupt or replaced)")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
