@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 __all__ = [
     "MAX_WORKING_SIZE", "positive_int", "non_negative_int", "finite_float", "positive_float", "non_negative_float",
@@ -30,22 +31,6 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (counts: images, seeds, steps)."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def finite_float(text: str) -> float:
     """A number that is not NaN or infinite."""
     try:
@@ -57,20 +42,26 @@ def finite_float(text: str) -> float:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (learning rates, sigmas)."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
+def _at_least(parse: Callable[[str], float], low: float, inclusive: bool, rule: str) -> Callable[[str], float]:
+    """An argparse type: ``parse(text)``, refused unless it is >= ``low`` (> ``low`` if not ``inclusive``)."""
+
+    def check(text: str) -> float:
+        value = parse(text)
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    check.__name__ = rule.replace(" ", "_")
+    return check
 
 
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (loss weights)."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+#: Counts (images, seeds, steps): an integer >= 1.
+positive_int = _at_least(_integer, 1, True, "at least 1")
+non_negative_int = _at_least(_integer, 0, True, "0 or more")
+#: Learning rates, sigmas: a finite number > 0.
+positive_float = _at_least(finite_float, 0.0, False, "greater than 0")
+#: Loss weights: a finite number >= 0.
+non_negative_float = _at_least(finite_float, 0.0, True, "0 or more")
 
 
 def probability(text: str) -> float:
