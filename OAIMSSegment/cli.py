@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from OAIMSSegment.errors import OAIMSError
 
@@ -23,8 +24,16 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors keep the CLI's promise: one line ``error: ...`` and exit code 2
+    (argparse prints the whole usage first). Sub-command parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m OAIMSSegment",
         description="Interactive segmentation with online adaptation from clicks (OAIMS).",
     )

@@ -41,8 +41,10 @@ class NnUNetDataset:
     """An nnU-Net v2 raw dataset folder.
 
     Raises:
-        DatasetError: missing folder or ``dataset.json``, or a ``dataset.json`` without the
-            keys the layout requires.
+        DatasetError: missing folder or ``dataset.json``; a ``dataset.json`` that is not an
+            object, lacks a key the layout requires, has labels that are not integers (or are
+            nnU-Net region lists), or channel keys other than ``"0".."C-1"``; when a case is
+            read: a 4D or zero-size image or label, sizes that differ, unknown label values.
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -56,14 +58,17 @@ class NnUNetDataset:
             meta = json.loads(meta_path.read_text())
         except ValueError as error:
             raise DatasetError(f"{meta_path} is not valid JSON: {error}") from error
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{meta_path} must hold a JSON object, got {type(meta).__name__} {meta!r:.40}")
         missing = [key for key in ("channel_names", "labels", "file_ending") if key not in meta]
         if missing:
             raise DatasetError(f"{meta_path} lacks required key(s): {', '.join(missing)}")
         self.meta = meta
+        if not isinstance(meta["file_ending"], str) or not meta["file_ending"].startswith("."):
+            raise DatasetError(f"{meta_path}: file_ending must be a string like '.nii.gz', got {meta['file_ending']!r}")
         self.file_ending: str = meta["file_ending"]
-        self.labels: dict[str, int] = {str(k): int(v) for k, v in meta["labels"].items()}
-        channels = meta["channel_names"]
-        self.channel_names = [channels[k] for k in sorted(channels, key=int)]
+        self.labels: dict[str, int] = _labels(meta["labels"], meta_path)
+        self.channel_names = _channel_names(meta["channel_names"], meta_path)
 
     @property
     def name(self) -> str:
@@ -107,6 +112,13 @@ class NnUNetDataset:
             ])
         if label.ndim == 3 and label.shape[-1] in (3, 4) and image.ndim == 3:
             label = label[..., 0]  # a label PNG saved as RGB(A): all channels equal
+        if image.ndim - 1 not in (2, 3) or label.ndim not in (2, 3):
+            raise DatasetError(
+                f"{case}: image {image.shape[1:]} and label {label.shape} must be 2D or 3D "
+                f"(a {max(image.ndim - 1, label.ndim)}D file cannot be cut into 2D slices)"
+            )
+        if image.size == 0 or label.size == 0:
+            raise DatasetError(f"{case}: image {image.shape[1:]} or label {label.shape} has a zero-size dimension")
         if image.shape[1:] != label.shape:
             raise DatasetError(f"{case}: image {image.shape[1:]} and label {label.shape} sizes differ")
         unknown = set(np.unique(label).tolist()) - set(self.labels.values())
@@ -135,6 +147,34 @@ class NnUNetDataset:
                     np.ascontiguousarray(np.take(label, index, axis=along)),
                     f"{case}:{index}",
                 )
+
+
+def _labels(labels: object, meta_path: Path) -> dict[str, int]:
+    """``dataset.json`` labels as class name -> integer index (nnU-Net region lists are refused)."""
+    if not isinstance(labels, dict):
+        raise DatasetError(f"{meta_path}: labels must map class names to integers, got {type(labels).__name__} {labels!r:.60}")
+    checked = {}
+    for name, value in labels.items():
+        if isinstance(value, list):
+            raise DatasetError(f"{meta_path}: label {name!r} is a region ({value}); region-based labels are not supported")
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DatasetError(f"{meta_path}: label {name!r} must be an integer class index, got {value!r}")
+        checked[str(name)] = value
+    return checked
+
+
+def _channel_names(channels: object, meta_path: Path) -> list[str]:
+    """``dataset.json`` channel names in channel order; keys must be the integers 0..C-1."""
+    if not isinstance(channels, dict) or not channels:
+        raise DatasetError(f"{meta_path}: channel_names must map '0', '1', ... to names, got {channels!r:.60}")
+    bad = [key for key in channels if not str(key).isdigit()]
+    if bad:
+        raise DatasetError(f"{meta_path}: channel_names keys must be integers 0..{len(channels) - 1}, got {bad[0]!r}")
+    if sorted(int(key) for key in channels) != list(range(len(channels))):
+        raise DatasetError(f"{meta_path}: channel_names keys must be 0..{len(channels) - 1}, got {sorted(channels)}")
+    return [str(channels[key]) for key in sorted(channels, key=int)]
 
 
 def _read(path: Path) -> sitk.Image:

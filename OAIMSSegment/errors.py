@@ -30,3 +30,7 @@ class StoreError(OAIMSError):
 
 class SessionStateError(OAIMSError, RuntimeError):
     """An operation that does not fit the session's state (e.g. accept with no clicks)."""
+
+
+class InvalidMaskError(OAIMSError, ValueError):
+    """An accepted mask is not a class map of the open image (NaN, fractional or unknown labels, wrong shape)."""

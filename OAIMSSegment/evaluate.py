@@ -253,44 +253,60 @@ def select_samples(samples: list[Sample], max_images: int | None) -> list[Sample
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from OAIMSSegment import arguments as types
+
     parser = subparsers.add_parser("evaluate", help="simulated-clinician benchmark on a dataset")
     parser.add_argument("--model", required=True, help="shipped model name or weights/card path")
     parser.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder")
     parser.add_argument("--split", default="Ts", choices=["Tr", "Ts"])
-    parser.add_argument("--methods", default="frozen,pi,pi+mi", help=f"comma-separated, from: {', '.join(METHODS)}")
-    parser.add_argument("--clicks", type=int, default=10, help="clicks per image T")
-    parser.add_argument("--max-images", type=int, help="use at most N images, spread evenly over the dataset")
-    parser.add_argument("--min-foreground", type=int, default=1, help="skip slices with fewer foreground pixels")
+    parser.add_argument("--methods", type=types.name_list, default="frozen,pi,pi+mi",
+                        help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--clicks", type=types.positive_int, default=10, help="clicks per image T")
+    parser.add_argument("--max-images", type=types.positive_int, help="use at most N images, spread evenly over the dataset")
+    parser.add_argument("--min-foreground", type=types.positive_int, default=1, help="skip slices with fewer foreground pixels")
     parser.add_argument("--axis", default="axial", help="slicing orientation of 3D volumes")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    parser.add_argument("--seeds", type=types.positive_int, default=1, help="number of seeds (seed, seed+1, ...)")
     parser.add_argument("--order", default="random", choices=["random", "worst-first"])
-    parser.add_argument("--wrong-fraction", type=float, default=0.0, help="fraction of wrong clicks (paper: 0.4)")
-    parser.add_argument("--first-wrong", type=int, default=0, help="the first k clicks of each image are wrong")
-    parser.add_argument("--lr", type=float, help=f"adaptation learning rate (default: the model card's adaptation_lr, else {DEFAULT_LR:g})")
-    parser.add_argument("--beta", type=float, default=AdaptConfig.beta)
-    parser.add_argument("--sigma", type=float, default=AdaptConfig.sigma)
+    parser.add_argument("--wrong-fraction", type=types.probability, default=0.0, help="fraction of wrong clicks (paper: 0.4)")
+    parser.add_argument("--first-wrong", type=types.non_negative_int, default=0, help="the first k clicks of each image are wrong")
+    parser.add_argument("--lr", type=types.positive_float,
+                        help=f"adaptation learning rate (default: the model card's adaptation_lr, else {DEFAULT_LR:g})")
+    parser.add_argument("--beta", type=types.non_negative_float, default=AdaptConfig.beta)
+    parser.add_argument("--sigma", type=types.positive_float, default=AdaptConfig.sigma)
     parser.add_argument(
-        "--working-size", type=int,
+        "--working-size", type=types.working_size,
         help="segment with the longer image side at this many pixels instead of the model card's "
-        "working_size; 0: native resolution (up to the card's max_side)",
+        f"working_size (16..{types.MAX_WORKING_SIZE}); 0: native resolution (up to the card's max_side)",
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    parser.add_argument("--json", required=True, help="write results here")
-    parser.add_argument("--plot", help="write a Dice-vs-clicks PNG here")
+    parser.add_argument("--threads", type=types.non_negative_int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--json", type=types.writable_file, required=True, help="write results here (checked before the run)")
+    parser.add_argument("--plot", type=types.writable_file, help="write a Dice-vs-clicks PNG here")
     parser.add_argument("--site-store", help="accept every image into a site of this site model store, saving a "
                         "version per image that adapted the model (one method, one seed)")
     parser.add_argument("--site", help="site name in --site-store (default: default)")
     parser.set_defaults(func=_run_evaluate)
 
 
+def _usable_samples(samples: list[Sample], model: ClickSegmenter) -> tuple[list[Sample], list[dict]]:
+    """The samples ``model`` can segment, and ``{"name", "reason"}`` for each it cannot (NaN/inf,
+    constant, smaller than 16 px...): one bad slice is named and skipped, not fatal to a run."""
+    usable, skipped = [], []
+    for sample in samples:
+        try:
+            model.prepare(sample.image)
+        except OAIMSError as error:
+            skipped.append({"name": sample.name, "reason": str(error)})
+        else:
+            usable.append(sample)
+    return usable, skipped
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from OAIMSSegment.files import atomic_write_text
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.clicks < 1:
-        raise OAIMSError("--clicks must be at least 1")
-    if not 0.0 <= args.wrong_fraction <= 1.0:
-        raise OAIMSError("--wrong-fraction must be in [0, 1]")
     model = load_model(args.model)
     card_overrides = {}
     if args.working_size is not None:
@@ -304,29 +320,36 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         )
     if set(dataset.labels) != set(model.card.labels):
         raise DatasetError(f"dataset labels {dataset.labels} differ from the model's {model.card.labels}")
-    samples = select_samples(
-        list(dataset.samples(args.split, axis=args.axis, min_foreground=args.min_foreground)), args.max_images
-    )
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    where = f"{dataset.name}/images{args.split}"
+    found = list(dataset.samples(args.split, axis=args.axis, min_foreground=args.min_foreground))
+    if not found:
+        raise DatasetError(
+            f"no {args.axis} slice of {where} has at least {args.min_foreground} foreground pixel(s); lower --min-foreground"
+        )
+    samples, skipped = _usable_samples(select_samples(found, args.max_images), model)
+    if skipped:
+        names = "; ".join(f"{s['name']} ({s['reason']})" for s in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        print(f"skipped {len(skipped)} of {len(samples) + len(skipped)} slice(s) that cannot be segmented: {names}")
+    if not samples:
+        raise DatasetError(f"none of the {len(skipped)} selected slice(s) of {where} can be segmented: {skipped[0]['reason']}")
     protocol = Protocol(args.clicks, args.wrong_fraction, args.first_wrong, args.order)
     config = AdaptConfig(lr=args.lr, beta=args.beta, sigma=args.sigma).for_model(model.card)
     seeds = list(range(args.seed, args.seed + args.seeds))
     from OAIMSSegment.site_session import open_benchmark_site
 
-    site = open_benchmark_site(args, model, methods, seeds, config)
+    site = open_benchmark_site(args, model, args.methods, seeds, config)
     started = time.time()
-    summary = evaluate(model, samples, methods, protocol, seeds, config, site)
+    summary = evaluate(model, samples, args.methods, protocol, seeds, config, site)
     if site is not None:
         summary["site"] = {**vars(site.info()), "saved_versions": site.saved}
     summary.update({
-        "n_images": len(samples), "dataset": f"{dataset.name}/images{args.split}", "model": model.card.name,
-        "seed": args.seed, "seeds": seeds, "protocol": vars(protocol), "config": vars(config),
+        "n_images": len(samples), "n_skipped": len(skipped), "skipped": skipped, "dataset": where,
+        "model": model.card.name, "seed": args.seed, "seeds": seeds, "protocol": vars(protocol), "config": vars(config),
         "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1),
     })
     if card_overrides:
         summary["card_overrides"] = card_overrides
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")
     if args.plot:
         plot_curves(summary, args.plot, f"{model.card.name} on {summary['dataset']} ({len(samples)} images)")
     print_table(summary)

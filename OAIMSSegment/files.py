@@ -8,13 +8,20 @@ one after a crash, never a mix, and the rename is made durable by an fsync of th
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "sha256_bytes", "sha256_file", "fsync_dir", "replace"]
+__all__ = [
+    "atomic_write_bytes", "atomic_write_text", "sha256_bytes", "sha256_file", "fsync_dir", "replace",
+    "open_nofollow", "read_bytes_nofollow", "is_symlink",
+]
+
+#: ``os.open`` flag that refuses a symbolic link as the last path component (0 where the OS has none).
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def fsync_dir(path: Path) -> None:
@@ -58,7 +65,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, 
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
+            # fchmod, not chmod: a name swapped for a symlink meanwhile must not redirect it.
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), mode)
+        if not hasattr(os, "fchmod"):
+            os.chmod(tmp, mode)
         replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -84,3 +95,30 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_symlink(path: str | os.PathLike) -> bool:
+    """True if ``path`` itself is a symbolic link (or a Windows junction); False if it is absent."""
+    try:
+        return Path(path).is_symlink() or bool(getattr(Path(path), "is_junction", lambda: False)())
+    except OSError:
+        return False
+
+
+def open_nofollow(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses to follow a symbolic link at ``path`` (``OSError`` ELOOP).
+
+    ``O_NOFOLLOW`` makes the refusal atomic on POSIX; where the OS lacks it (Windows) the link
+    is checked with ``lstat`` first. Folders above ``path`` are the caller's to check.
+    """
+    if not O_NOFOLLOW and is_symlink(path):
+        raise OSError(errno.ELOOP, "is a symbolic link", str(path))
+    return os.open(path, flags | O_NOFOLLOW | getattr(os, "O_BINARY", 0), mode)
+
+
+def read_bytes_nofollow(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes of ``path``, refusing a symbolic link (see :func:`open_nofollow`); at most
+    ``limit + 1`` bytes are read when ``limit`` is given, so callers can tell "too big" apart."""
+    fd = open_nofollow(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read() if limit is None else handle.read(limit + 1)

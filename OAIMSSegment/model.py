@@ -10,11 +10,9 @@ pass raw images and pixel clicks in the image's own coordinates.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +25,7 @@ from torch import nn
 
 from OAIMSSegment.clicks import Click, guidance_maps, validate_click
 from OAIMSSegment.errors import InvalidImageError, ModelError
+from OAIMSSegment.files import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 
 #: Shipped model cards and weights (segmentation and proposal models).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
@@ -143,7 +142,7 @@ class ModelCard:
             raise ModelError(f"cannot read model card {path}: {error}") from error
 
     def to_json(self, path: str | Path) -> None:
-        atomic_write_bytes(Path(path), (json.dumps(asdict(self), indent=2) + "\n").encode())
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 @dataclass
@@ -320,41 +319,16 @@ def hard_labels(logits: torch.Tensor) -> torch.Tensor:
 # -- files ----------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped and shared files must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: ClickSegmenter, weights_path: str | Path, **card_updates: Any) -> ModelCard:
     """Save weights (atomically) and a card beside them (``<weights>.json``) with their sha256."""
-    import io
-
     weights_path = Path(weights_path)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    atomic_write_bytes(weights_path, buffer.getvalue())
+    data = buffer.getvalue()
+    atomic_write_bytes(weights_path, data)
     card = ModelCard(**{**asdict(model.card), **card_updates})
     card.weights = weights_path.name
-    card.sha256 = sha256_file(weights_path)
+    card.sha256 = sha256_bytes(data)
     card.to_json(weights_path.with_suffix(".json"))
     model.card = card
     return card
@@ -386,12 +360,12 @@ def list_models(models_dir: str | Path = MODELS_DIR) -> list[ModelCard]:
 def load_model(name_or_path: str | Path, models_dir: str | Path = MODELS_DIR) -> ClickSegmenter:
     """Load a shipped model by name, or a card (``.json``) / weights (``.pt``, card beside it) by path.
 
-    The weights' sha256 must match the card; weights are loaded with ``weights_only=True``
+    The card must hold the weights' sha256 and it must match; weights are loaded with ``weights_only=True``
     (no pickled code is ever executed).
 
     Raises:
-        ModelError: unknown name, missing files, checksum mismatch, or weights that do not
-            fit the card's architecture.
+        ModelError: unknown name, missing files, a card without a sha256, checksum mismatch,
+            or weights that do not fit the card's architecture.
     """
     path = Path(name_or_path)
     if path.suffix == ".pt":
@@ -409,7 +383,12 @@ def load_model(name_or_path: str | Path, models_dir: str | Path = MODELS_DIR) ->
     weights_path = card_path.parent / card.weights
     if not weights_path.is_file():
         raise ModelError(f"weights file {weights_path} of model {card.name!r} not found")
-    if card.sha256 and sha256_file(weights_path) != card.sha256:
+    if not isinstance(card.sha256, str) or len(card.sha256) != 64:
+        raise ModelError(
+            f"model card {card_path} has no sha256 of its weights ({card.sha256!r}): "
+            "weights that cannot be verified are not loaded (save_model writes the checksum)"
+        )
+    if sha256_file(weights_path) != card.sha256:
         raise ModelError(f"weights {weights_path} do not match the sha256 in the card of {card.name!r} (corrupt or replaced)")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,13 @@ import torch
 from monai.transforms import RandHistogramShift
 from tqdm import tqdm
 
+from OAIMSSegment import arguments as types
 from OAIMSSegment.clicks import Click, correction_click, guidance_maps, localization_click, ranked_error_clicks
 from OAIMSSegment.data import NnUNetDataset, Sample, synthetic_samples
-from OAIMSSegment.errors import DatasetError, ModelError
+from OAIMSSegment.errors import DatasetError, InvalidImageError, ModelError
 from OAIMSSegment.losses import DiceFocal, ccg_loss
-from OAIMSSegment.model import ClickSegmenter, ModelCard, atomic_write_bytes, hard_labels, load_model, save_model
+from OAIMSSegment.files import atomic_write_bytes
+from OAIMSSegment.model import ClickSegmenter, ModelCard, hard_labels, load_model, save_model
 
 
 @dataclass
@@ -66,13 +69,21 @@ def to_working(model: ClickSegmenter, samples: list[Sample]) -> list[TrainItem]:
     """Apply the model card's preprocessing to every sample (as the session does at inference).
 
     Samples whose foreground vanishes at the working resolution (a few pixels of tumour
-    down-scaled) are dropped: they cannot take a localization click."""
-    items = []
+    down-scaled) are dropped: they cannot take a localization click. Images the model cannot
+    take (NaN/inf, constant, under 16 px) are skipped and named on stderr, not fatal."""
+    items, skipped = [], []
     for sample in samples:
-        prepared = model.prepare(sample.image)
+        try:
+            prepared = model.prepare(sample.image)
+        except InvalidImageError as error:
+            skipped.append(f"{sample.name} ({error})")
+            continue
         label = prepared.mask_to_working(sample.label)
         if bool((label > 0).any()):
             items.append(TrainItem(prepared.tensor[0], label))
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(samples)} training image(s) that cannot be segmented: "
+              + "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""), file=sys.stderr)
     return items
 
 
@@ -217,6 +228,8 @@ def pretrain(
     if init is not None:
         model.load_state_dict(init.state_dict())
     items = to_working(model, samples)
+    if not items:
+        raise DatasetError(f"none of the {len(samples)} training image(s) can be used (see the skipped images above)")
     # Stochastic weight averaging (SWA): the saved weights are the uniform mean of the weights after
     # each of the last ``average_last`` fraction of steps (flatter minima; docs/ENGINE.md).
     average_from = config.steps - max(1, round(config.average_last * config.steps)) if config.average_last else None
@@ -283,26 +296,28 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", default="", help="one-line description for the model card")
     parser.add_argument("--axis", default="axial", help="slicing orientation of 3D volumes")
     parser.add_argument("--normalization", choices=["zscore_nonzero", "zscore"], help="default: zscore for RGB, zscore_nonzero otherwise")
-    parser.add_argument("--working-size", type=int, help="resize the longer image side to this (default: native)")
-    parser.add_argument("--channels", default="16,32,64,128,256", help="U-Net channels per level")
-    parser.add_argument("--steps", type=int, default=PretrainConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
-    parser.add_argument("--crop", type=int, default=PretrainConfig.crop, help="training crop side in working pixels (0: whole image)")
-    parser.add_argument("--synthetic-n", type=int, default=400, help="number of synthetic source images")
-    parser.add_argument("--iterative", type=int, default=0,
+    parser.add_argument("--working-size", type=types.working_size,
+                        help=f"resize the longer image side to this, 16..{types.MAX_WORKING_SIZE} px (default: native)")
+    parser.add_argument("--channels", type=types.int_list, default="16,32,64,128,256", help="U-Net channels per level")
+    parser.add_argument("--steps", type=types.positive_int, default=PretrainConfig.steps)
+    parser.add_argument("--batch-size", type=types.positive_int, default=PretrainConfig.batch_size)
+    parser.add_argument("--lr", type=types.positive_float, default=PretrainConfig.lr)
+    parser.add_argument("--crop", type=types.non_negative_int, default=PretrainConfig.crop,
+                        help="training crop side in working pixels (0: whole image)")
+    parser.add_argument("--synthetic-n", type=types.positive_int, default=400, help="number of synthetic source images")
+    parser.add_argument("--iterative", type=types.non_negative_int, default=0,
                         help="up to N extra rounds of simulated correction clicks before the training clicks (0: Algorithm 2 as published)")
-    parser.add_argument("--intensity-remap", type=float, default=0.0, metavar="P",
+    parser.add_argument("--intensity-remap", type=types.finite_float, default=0.0, metavar="P",
                         help="probability of a random monotone intensity curve per training image (0: off)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 mixed precision for training's forward/backward passes (faster on CPUs with AVX512-BF16)")
-    parser.add_argument("--average-last", type=float, default=0.0, metavar="F",
+    parser.add_argument("--average-last", type=types.finite_float, default=0.0, metavar="F",
                         help="save the mean of the weights over the last fraction F of steps (stochastic weight averaging; 0: off)")
-    parser.add_argument("--adaptation-lr", type=float,
+    parser.add_argument("--adaptation-lr", type=types.finite_float,
                         help="online-adaptation learning rate to record in the card (chosen by a held-out sweep)")
     parser.add_argument("--init", help="start from this model's weights (name or path) instead of a random initialisation")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--threads", type=types.non_negative_int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.set_defaults(func=_run)
 
@@ -315,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.average_last <= 1.0:
         raise ModelError(f"--average-last is a fraction of the steps in [0, 1], got {args.average_last}")
     name = args.name or Path(args.out).stem
-    channels = [int(c) for c in args.channels.split(",")]
+    channels = args.channels
     network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2, "norm": "instance"}
     if args.dataset == "synthetic":
         samples = synthetic_samples(args.synthetic_n, "source", seed=args.seed)
@@ -333,7 +348,7 @@ def _run(args: argparse.Namespace) -> int:
             name=name, task=args.task or f"Interactive segmentation trained on {dataset.name}",
             image_channels=dataset.image_channels, channel_names=dataset.channel_names, labels=dataset.labels,
             normalization=args.normalization or ("zscore" if dataset.rgb else "zscore_nonzero"),
-            working_size=args.working_size, network=network, adaptation_lr=args.adaptation_lr,
+            working_size=args.working_size or None, network=network, adaptation_lr=args.adaptation_lr,
             training={"dataset": f"{dataset.name} imagesTr ({len(dataset.cases('Tr'))} cases, {args.axis} slices with foreground)",
                       "command": _command(args)},
         )
@@ -351,6 +366,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> str:
-    import sys
-
     return "python -m OAIMSSegment " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python -m OAIMSSegment pretrain"

@@ -2,12 +2,15 @@
 
 Each accept is one real Adam step of a small MONAI 2D U-Net (the engine's click-guided network
 shape: image + 2 guidance channels) on a synthetic image (noisy disk), then ``save_version`` of
-``{"model": ..., "optimizer": ...}`` (about 4.9 MB). Every ``--restart-every`` accepts the network
+``{"model": ..., "optimizer": ...}`` (about 4.9 MB) in a ``SiteModel.transaction()`` with the
+images count, as the site workflow saves. Every ``--restart-every`` accepts the network
 and optimizer are rebuilt from ``load_current()``, as when Slicer restarts. Checked:
 
 * no non-finite weights (in memory after every step, and in every reloaded state);
 * every reload equals the in-memory state (sha256-verified, weights_only loading);
 * memory flat: resident set size (RSS) over the last tenth of the run vs. the tenth after warm-up;
+* the images count (kept in the manifest) equals the accepts, and every version's parent and
+  based_on are the version before it;
 * store size within the retention bound: at most ``keep_last + n // keep_every + 2`` files, of
   which at most ``keep_last + 2`` hold the optimizer state (the rest are weights-only milestones).
 
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monai.networks.nets import UNet  # noqa: E402
 
+from OAIMSSegment.files import atomic_write_text  # noqa: E402
 from OAIMSSegment.store import SiteModelStore  # noqa: E402
 
 BASE_SHA256 = "0" * 64  # a synthetic base model: only identity matters to the store
@@ -142,7 +146,9 @@ def main() -> int:
                 problems.append(f"accept {i}: non-finite loss or weights")
                 break
             t = time.perf_counter()
-            version = site.save_version(state, {"clicks": 2, "loss": losses[-1]})
+            with site.transaction() as txn:  # as the site workflow commits: on top of the newest version
+                version = txn.save(state, {"images": (txn.images or 0) + 1, "clicks": 2, "loss": losses[-1]},
+                                   based_on=txn.version)
             save_s.append(time.perf_counter() - t)
             max_version_bytes = max(max_version_bytes, site.versions()[-1].size)
             if version != i:
@@ -176,6 +182,10 @@ def main() -> int:
         final = site.load_current()
         if final is None or not all_finite(final):
             problems.append("final state missing or not finite")
+        if site.images() != n:
+            problems.append(f"the manifest counts {site.images()} images for {n} accepts")
+        if any(v.parent != v.version - 1 or v.based_on != v.parent for v in site.versions()):
+            problems.append("a version's parent or based_on is not the version before it")
 
         result = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -202,14 +212,14 @@ def main() -> int:
             "loss_first": round(losses[0], 4),
             "loss_last_50_mean": round(statistics.mean(losses[-50:]), 4),
             "history_adapt_lines": adapt_lines,
+            "images_counted": site.images(),
             "problems": problems,
             "ok": not problems,
         }
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 

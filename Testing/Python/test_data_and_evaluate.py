@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from conftest import require_shared_data, tiny_card, write_nnunet_dataset
 from OAIMSSegment.cli import main
@@ -140,3 +141,151 @@ def test_real_brats_and_fundus_datasets_read():
     fundus = NnUNetDataset(require_shared_data("Dataset003_DrishtiGS"))
     eye = next(fundus.samples("Ts"))
     assert eye.image.shape[0] == 3 and set(np.unique(eye.label)) <= {0, 1, 2}
+
+
+def _meta(root, **changes):
+    meta = json.loads((root / "dataset.json").read_text())
+    meta.update(changes)
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("meta, message", [
+    ("42", "must hold a JSON object, got int 42"),
+    ('["channel_names", "labels"]', "must hold a JSON object, got list"),
+    ({"labels": {"background": 0, "lesion": 1.5}}, "label 'lesion' must be an integer class index, got 1.5"),
+    ({"labels": {"background": 0, "lesion": "one"}}, "label 'lesion' must be an integer"),
+    ({"labels": {"background": 0, "lesion": True}}, "label 'lesion' must be an integer"),
+    ({"labels": ["background", "lesion"]}, "labels must map class names to integers, got list"),
+    ({"labels": {"background": 0, "whole": [1, 2]}}, "label 'whole' is a region"),
+    ({"channel_names": {"a": "FLAIR"}}, "channel_names keys must be integers 0..0, got 'a'"),
+    ({"channel_names": {"1": "FLAIR"}}, r"channel_names keys must be 0..0"),
+    ({"channel_names": ["FLAIR"]}, "channel_names must map"),
+    ({"file_ending": 5}, "file_ending must be a string"),
+])
+def test_malformed_dataset_json_is_named(tmp_path, tiny_weights, capsys, meta, message):
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=1)
+    if isinstance(meta, str):
+        (root / "dataset.json").write_text(meta)
+    else:
+        _meta(root, **meta)
+    with pytest.raises(DatasetError, match=message):
+        NnUNetDataset(root)
+    assert main(["evaluate", "--model", str(tiny_weights), "--dataset", str(root), "--json", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "dataset.json" in err
+
+
+def test_4d_and_zero_size_volumes_are_named(tmp_path):
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=1)
+    four_d = np.zeros((2, 6, 48, 48), np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(four_d), str(root / "imagesTs" / "case0_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(four_d.astype(np.uint8)), str(root / "labelsTs" / "case0.nii.gz"))
+    with pytest.raises(DatasetError, match=r"case0: image \(2, 6, 48, 48\) and label .* must be 2D or 3D .*4D"):
+        list(NnUNetDataset(root).samples("Ts"))
+    # A MetaImage header can declare a zero-size volume (NIfTI readers round 0 up to 1).
+    empty = tmp_path / "empty"
+    (empty / "imagesTs").mkdir(parents=True)
+    (empty / "labelsTs").mkdir()
+    (empty / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "FLAIR"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".mha"}))
+    header = b"ObjectType = Image\nNDims = 3\nDimSize = 5 5 0\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n"
+    for path in (empty / "imagesTs" / "void_0000.mha", empty / "labelsTs" / "void.mha"):
+        path.write_bytes(header)
+    with pytest.raises(DatasetError, match=r"void: image \(0, 5, 5\) or label \(0, 5, 5\) has a zero-size dimension"):
+        list(NnUNetDataset(empty).samples("Ts"))
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--max-images", "0"], "--max-images: must be at least 1, got 0"),
+    (["--seeds", "0"], "--seeds: must be at least 1"),
+    (["--methods", ","], "--methods: is an empty list"),
+    (["--lr", "nan"], "--lr: must be a finite number"),
+    (["--lr", "-1"], "--lr: must be greater than 0"),
+    (["--sigma", "inf"], "--sigma: must be a finite number"),
+    (["--wrong-fraction", "nan"], "--wrong-fraction: must be a finite number"),
+    (["--clicks", "0"], "--clicks: must be at least 1"),
+    (["--working-size", "100000"], "--working-size: must be at most 4096 px"),
+    (["--min-foreground", "100000"], "no axial slice of ds/imagesTs has at least 100000 foreground pixel"),
+])
+def test_evaluate_options_are_refused_in_one_line(tmp_path, tiny_weights, capsys, monkeypatch, option, message):
+    import OAIMSSegment.evaluate as evaluation
+
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=1)
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) if option[0] != "--min-foreground" else _returns(2):
+        code = main(["evaluate", "--model", str(tiny_weights), "--dataset", str(root), *option,
+                     "--json", str(tmp_path / "o.json")])
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o.json").exists()
+
+
+class _returns:
+    """``pytest.raises(SystemExit)`` for a command that returns its exit code instead."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        assert kind is SystemExit and value.code == self.code
+        return True
+
+
+def test_unwritable_json_is_found_before_the_run(tmp_path, tiny_weights, capsys, monkeypatch):
+    import OAIMSSegment.evaluate as evaluation
+
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=1)
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setattr(evaluation, "load_model", lambda *a: pytest.fail("the run started"))
+    for target, message in [(tmp_path / "a-file" / "o.json", "is not a folder"), (tmp_path, "is a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", "--model", str(tiny_weights), "--dataset", str(root), "--json", str(target)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "--json" in err and message in err and "\n" not in err
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_unusable_slices_are_skipped_named_and_counted(tmp_path, tiny_weights, capsys):
+    root = write_nnunet_dataset(tmp_path / "ds", "nifti", n=2)
+    # MetaImage keeps NaN (ITK's NIfTI reader turns it into a number).
+    for path in sorted(root.glob("*/*.nii.gz")):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        if path.name == "case0_0000.nii.gz":
+            image[3, 5, 5] = np.nan
+        if path.name == "case1_0000.nii.gz":
+            image[2] = 5.0
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(path).replace(".nii.gz", ".mha"))
+        path.unlink()
+    _meta(root, file_ending=".mha")
+    small = np.zeros((4, 8, 8), np.uint8)
+    small[2, 2:6, 2:6] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(small.astype(np.float32) * 3 + 1), str(root / "imagesTs" / "tiny_0000.mha"))
+    sitk.WriteImage(sitk.GetImageFromArray(small), str(root / "labelsTs" / "tiny.mha"))
+    out = tmp_path / "o.json"
+    assert main(["evaluate", "--model", str(tiny_weights), "--dataset", str(root), "--methods", "frozen",
+                 "--clicks", "1", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["n_skipped"] == 3 and summary["n_images"] == 4
+    reasons = {s["name"]: s["reason"] for s in summary["skipped"]}
+    assert set(reasons) == {"case0:3", "case1:2", "tiny:2"}
+    assert "NaN" in reasons["case0:3"] and "constant" in reasons["case1:2"] and "16 px" in reasons["tiny:2"]
+    printed = capsys.readouterr().out
+    assert "skipped 3 of 7 slice(s)" in printed and "case0:3" in printed
+
+
+def test_pretrain_options_are_refused_in_one_line(tmp_path, capsys):
+    base = ["pretrain", "--dataset", "synthetic", "--out", str(tmp_path / "m.pt")]
+    for option, message in [(["--lr", "nan"], "--lr: must be a finite number"), (["--steps", "0"], "--steps: must be at least 1"),
+                            (["--working-size", "100000"], "at most 4096 px"), (["--channels", "8,x"], "--channels"),
+                            (["--batch-size", "-2"], "--batch-size")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *option])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    assert not list(tmp_path.iterdir())

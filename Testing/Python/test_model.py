@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_card
 from OAIMSSegment.errors import ModelError
-from OAIMSSegment.model import ClickSegmenter, ModelCard, list_models, load_model, save_model, sha256_file
+from OAIMSSegment.files import sha256_file
+from OAIMSSegment.model import ClickSegmenter, ModelCard, list_models, load_model, save_model
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_model):
@@ -106,3 +107,27 @@ def test_shipped_cards_are_complete():
         assert card.sha256 and card.weights and card.training.get("command"), card.name
         model = load_model(card.name)  # verifies the sha256
         assert model.card.name == card.name
+
+
+@pytest.mark.parametrize("sha", ["", None, "abc"])
+def test_card_without_a_checksum_is_refused(tmp_path, tiny_model, sha):
+    save_model(tiny_model, tmp_path / "m.pt")
+    card = json.loads((tmp_path / "m.json").read_text())
+    if sha is None:
+        del card["sha256"]
+    else:
+        card["sha256"] = sha
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=r"model card .*m\.json has no sha256"):
+        load_model(tmp_path / "m.pt")
+
+
+def test_every_shipped_card_has_the_checksum_of_its_weights():
+    from OAIMSSegment.model import MODELS_DIR
+
+    cards = sorted(MODELS_DIR.glob("*.json"))
+    assert len(cards) >= 5
+    for path in cards:
+        card = json.loads(path.read_text())
+        assert len(card.get("sha256") or "") == 64, f"{path.name} has no sha256"
+        assert sha256_file(path.parent / card["weights"]) == card["sha256"], path.name

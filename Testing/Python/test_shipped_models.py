@@ -9,7 +9,8 @@ from conftest import require_shared_data
 from OAIMSSegment.clicks import correction_click, localization_click
 from OAIMSSegment.data import NnUNetDataset, synthetic_samples
 from OAIMSSegment.evaluate import class_dice, mean_foreground
-from OAIMSSegment.model import list_models, load_model, sha256_file, MODELS_DIR
+from OAIMSSegment.files import sha256_file
+from OAIMSSegment.model import list_models, load_model, MODELS_DIR
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
 
 SHIPPED = {"demo-synthetic-blobs": None, "brain-lesion-flair": "Dataset001_BraTS18_FLAIR", "fundus-disc-cup": "Dataset003_DrishtiGS"}
