@@ -29,6 +29,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -175,27 +176,34 @@ class SiteSession:
     def accept(self, mask: np.ndarray | None = None) -> SiteAccept:
         """Accept the open image (``session.accept(mask)``, ``mask`` the accepted class map ``(H, W)``
         or None for the prediction: PI when the method has it) and, when the model changed, save a new
-        site version.
+        site version (:meth:`save_update`)."""
+        session = self.session
+        outcome = session.accept(mask=mask)
+        return self.save_update([outcome], outcome.applied or (session.mi_enabled and outcome.clicks > 1))
+
+    def save_update(self, outcomes: Sequence[AcceptResult], adapted: bool) -> SiteAccept:
+        """Save the session's weights as one new site version after the images (2D slices) of
+        ``outcomes`` were accepted; ``adapted`` says whether the weights changed while they were
+        segmented (PI applied, or MI steps). Nothing is saved when they did not.
 
         A save that fails (read-only or full store) keeps the adapted weights in use and says so in
         the message; nothing raises for it.
         """
-        session = self.session
+        if not outcomes:
+            raise SessionStateError("nothing was accepted")
+        session, outcome = self.session, outcomes[-1]
         based_on = self.version
-        outcome = session.accept(mask=mask)
-        if not (outcome.applied or (session.mi_enabled and outcome.clicks > 1)):
+        if not adapted:
             return SiteAccept(outcome, False, False, None, self.images, "the model did not change; no new site version")
-        # The weights in use now hold this image's update, whether or not it can be saved.
-        self.images = (self.images or 0) + 1
+        # The weights in use now hold these images' updates, whether or not they can be saved.
+        self.images = (self.images or 0) + len(outcomes)
         if self._site_model is None:
             message = f"the site model was NOT saved: {self.problem or 'no site is open'}"
             return SiteAccept(outcome, True, False, None, self.images, message)
-        info = {"images": self.images, "clicks": outcome.clicks, "method": session.method, "pi_applied": outcome.applied}
-        if outcome.reason:
-            info["reason"] = outcome.reason
-        info.update(dice_before=outcome.dice_before, dice_after=outcome.dice_after, based_on=based_on)
+        info = _version_record(outcomes, session.method, self.images)
         try:
-            version = self._site_model.save_version({**session.state_dict(), IMAGES_KEY: self.images}, info)
+            version = self._site_model.save_version({**session.state_dict(), IMAGES_KEY: self.images}, info,
+                                                    based_on=based_on)
         except StoreError as error:
             message = f"the site model was NOT saved: {error}"
             _LOG.warning("OAIMSSegment: %s", message)
@@ -271,6 +279,23 @@ class SiteSession:
             return SiteInfo(**{**fields, "problem": str(error)})
         return SiteInfo(**fields, version=current, images=images, versions=versions)
 
+
+
+def _version_record(outcomes: Sequence[AcceptResult], method: str, images: int) -> dict:
+    """The history line of a version saved after accepting ``outcomes`` (one per 2D image)."""
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return float(np.mean(known)) if known else None
+
+    info: dict = {"images": images, "clicks": sum(o.clicks for o in outcomes), "method": method,
+                  "pi_applied": any(o.applied for o in outcomes)}
+    reasons = sorted({o.reason for o in outcomes if o.reason})
+    if reasons:
+        info["reason"] = "; ".join(reasons)
+    if len(outcomes) > 1:
+        info["slices"] = len(outcomes)
+    info.update(dice_before=mean([o.dice_before for o in outcomes]), dice_after=mean([o.dice_after for o in outcomes]))
+    return info
 
 def _images_from_history(site_model: SiteModel, version: int) -> int | None:
     """Images behind ``version`` from the history line that created it (sites saved before the count
