@@ -152,40 +152,26 @@ def _image_rng(clicks: Sequence[Click]) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-class OAIMSMidInteraction(OAIMS):
-    name = "mi"
-    description = "OAIMS MI only: a CCG step after every click, none on accept"
-    pi = False
+def variant(base: type[AdaptationMethod], name: str, description: str, **attributes: object) -> type[AdaptationMethod]:
+    """A method that is ``base`` with other class attributes (flags, ``kind``, config ``overrides``)."""
+    namespace = {"name": name, "description": description, "__doc__": description, "__module__": __name__}
+    return type(f"{base.__name__}[{name}]", (base,), {**namespace, **attributes})
 
 
-class OAIMSPostInteraction(OAIMS):
-    name = "pi"
-    description = "OAIMS PI only: the two-stage update on accept, none per click"
-    mi = False
-
-
-class NoClassCCG(OAIMS):
-    name = "pi+mi/no-class"
-    description = "OAIMS ablation: CCG without the class-limited indicator"
-    overrides = {"ccg_class_limited": False}
-
-
-class UniformCCG(OAIMS):
-    name = "pi+mi/uniform"
-    description = "OAIMS ablation: CCG with a uniform window instead of the Gaussian"
-    overrides = {"ccg_kernel": "uniform"}
-
-
-class ClickPixelCCG(OAIMS):
-    name = "pi+mi/sigma0"
-    description = "OAIMS ablation: CCG on the clicked pixel only (sigma 0)"
-    overrides = {"sigma": 0.0}
-
-
-class ClickLabelOAIMS(OAIMS):
-    name = "pi+mi/click-label"
-    description = "OAIMS with MI's pseudo label made to agree with the click within sigma (our extension)"
-    overrides = {"mi_click_label": True}
+OAIMSMidInteraction = variant(OAIMS, "mi", "OAIMS MI only: a CCG step after every click, none on accept", pi=False)
+OAIMSPostInteraction = variant(OAIMS, "pi", "OAIMS PI only: the two-stage update on accept, none per click", mi=False)
+#: The CCG ablations of paper Table 5 / Appendix A.8, and our click-label extension of MI.
+NoClassCCG = variant(OAIMS, "pi+mi/no-class", "OAIMS ablation: CCG without the class-limited indicator",
+                     overrides={"ccg_class_limited": False})
+UniformCCG = variant(OAIMS, "pi+mi/uniform", "OAIMS ablation: CCG with a uniform window instead of the Gaussian",
+                     overrides={"ccg_kernel": "uniform"})
+ClickPixelCCG = variant(OAIMS, "pi+mi/sigma0", "OAIMS ablation: CCG on the clicked pixel only (sigma 0)",
+                        overrides={"sigma": 0.0})
+ClickLabelOAIMS = variant(
+    OAIMS, "pi+mi/click-label",
+    "OAIMS with MI's pseudo label made to agree with the click within sigma (our extension)",
+    overrides={"mi_click_label": True},
+)
 
 
 # -- baselines -----------------------------------------------------------------------------------
@@ -291,23 +277,14 @@ class SelfTraining(AdaptationMethod):
         return {self.kind: session.optimizer_step(self.loss(session, session.working_clicks))}
 
 
-class SelfTrainingPerClick(SelfTraining):
-    name = "ce-mi+pi"
-    description = "self-training after every click and on accept: cross-entropy against the model's own prediction"
-    mi = True
-
-
-class EntropyMinimisation(SelfTraining):
-    name = "ent-pi"
-    description = "entropy minimisation on accept"
-    kind = "ent"
-
-
-class EntropyMinimisationPerClick(SelfTraining):
-    name = "ent-mi+pi"
-    description = "entropy minimisation after every click and on accept"
-    mi = True
-    kind = "ent"
+SelfTrainingPerClick = variant(
+    SelfTraining, "ce-mi+pi",
+    "self-training after every click and on accept: cross-entropy against the model's own prediction", mi=True,
+)
+EntropyMinimisation = variant(SelfTraining, "ent-pi", "entropy minimisation on accept", kind="ent")
+EntropyMinimisationPerClick = variant(
+    SelfTraining, "ent-mi+pi", "entropy minimisation after every click and on accept", mi=True, kind="ent"
+)
 
 
 # -- registry --------------------------------------------------------------------------------------
