@@ -51,7 +51,8 @@ def weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class AdaptationMethod:
-    """The frozen model: no adaptation. Every method derives from it and overrides its hooks.
+    """A method that adapts nothing (``frozen``); every method derives from it and overrides
+    the hooks it needs.
 
     Class attributes:
         name: the registry name (``--methods``, ``InteractiveSession(method=...)``).
@@ -61,8 +62,8 @@ class AdaptationMethod:
         overrides: :class:`~OAIMSSegment.session.AdaptConfig` fields this method fixes.
     """
 
-    name: ClassVar[str] = "frozen"
-    description: ClassVar[str] = "the pretrained model, never adapted (the paper's ICNN)"
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
     mi: ClassVar[bool] = False
     pi: ClassVar[bool] = False
     overrides: ClassVar[dict[str, object]] = {}
@@ -92,6 +93,15 @@ class AdaptationMethod:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from a session state (``state["model"]`` is always there)."""
+
+
+def variant(base: type[AdaptationMethod], name: str, description: str, **attributes: object) -> type[AdaptationMethod]:
+    """A method that is ``base`` with other class attributes (flags, ``kind``, config ``overrides``)."""
+    namespace = {"name": name, "description": description, "__doc__": description, "__module__": __name__}
+    return type(f"{base.__name__}[{name}]", (base,), {**namespace, **attributes})
+
+
+Frozen = variant(AdaptationMethod, "frozen", "the pretrained model, never adapted (the paper's ICNN)")
 
 
 # -- OAIMS -----------------------------------------------------------------------------------------
@@ -150,12 +160,6 @@ def _image_rng(clicks: Sequence[Click]) -> np.random.Generator:
     """Seeded from the image's clicks, so an accept is reproducible."""
     seed = hash(tuple((c.position, c.label) for c in clicks)) & 0xFFFFFFFF
     return np.random.default_rng(seed)
-
-
-def variant(base: type[AdaptationMethod], name: str, description: str, **attributes: object) -> type[AdaptationMethod]:
-    """A method that is ``base`` with other class attributes (flags, ``kind``, config ``overrides``)."""
-    namespace = {"name": name, "description": description, "__doc__": description, "__module__": __name__}
-    return type(f"{base.__name__}[{name}]", (base,), {**namespace, **attributes})
 
 
 OAIMSMidInteraction = variant(OAIMS, "mi", "OAIMS MI only: a CCG step after every click, none on accept", pi=False)
@@ -293,7 +297,7 @@ EntropyMinimisationPerClick = variant(
 METHODS: dict[str, type[AdaptationMethod]] = {
     method.name: method
     for method in (
-        AdaptationMethod, OAIMSMidInteraction, OAIMSPostInteraction, OAIMS, IASA, TSCA,
+        Frozen, OAIMSMidInteraction, OAIMSPostInteraction, OAIMS, IASA, TSCA,
         SelfTraining, SelfTrainingPerClick, EntropyMinimisation, EntropyMinimisationPerClick,
         NoClassCCG, UniformCCG, ClickPixelCCG, ClickLabelOAIMS,
     )
