@@ -21,6 +21,15 @@ def weights(model):
     return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
+def two_clicks(model, image, method, lr):
+    """A session of ``method`` on ``image`` after a foreground click in the disk and a background one."""
+    session = InteractiveSession(model, method, AdaptConfig(lr=lr))
+    session.start(image)
+    session.add_click((30, 34), 1)
+    session.add_click((5, 5), 0)
+    return session
+
+
 def test_registry_is_the_one_list_of_methods_and_describes_each():
     described = methods.describe_methods()
     assert [m.name for m in described] == list(METHODS) == list(methods.METHODS)
@@ -119,11 +128,7 @@ def test_a_failed_click_records_nothing_and_keeps_the_weights(tiny_model, disk_i
 
 
 def test_reconfigure_rebuilds_only_what_changes(tiny_model, disk_image):
-    image, _ = disk_image
-    session = InteractiveSession(tiny_model, "tsca", AdaptConfig(lr=1e-3))
-    session.start(image)
-    session.add_click((30, 34), 1)
-    session.add_click((5, 5), 0)
+    session = two_clicks(tiny_model, disk_image[0], "tsca", 1e-3)
     session.accept()
     teacher, optimizer = session.adaptation, session.optimizer
     session.reconfigure(config=AdaptConfig(lr=2e-3))
@@ -136,12 +141,8 @@ def test_reconfigure_rebuilds_only_what_changes(tiny_model, disk_image):
 
 
 def test_tsca_teacher_predicts_and_travels_in_the_state(tiny_model, disk_image):
-    image, _ = disk_image
-    session = InteractiveSession(tiny_model, "tsca", AdaptConfig(lr=1e-2))
+    session = two_clicks(tiny_model, disk_image[0], "tsca", 1e-2)
     assert session.adaptation.predictor(session) is session.adaptation.teacher
-    session.start(image)
-    session.add_click((30, 34), 1)
-    session.add_click((5, 5), 0)
     state = session.state_dict()
     teacher = torch.cat([v.flatten().float() for v in state["teacher"].values()])
     student = torch.cat([v.flatten().float() for v in state["model"].values()])
