@@ -78,6 +78,29 @@ def guidance_channel(label: int, num_classes: int) -> int:
     return num_classes - 1 if label == 0 else label - 1
 
 
+def click_offsets(clicks: Sequence[Click], shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Signed offset of every pixel from every click along each axis, in pixels.
+
+    The one distance grid behind the guidance maps, the CCG weights and the click stamps.
+
+    Args:
+        clicks: ``N`` clicks in array-index coordinates of an image of spatial ``shape``.
+        shape: spatial shape ``(H, W)`` (or ``(D, H, W)``), ``D`` axes in all.
+
+    Returns:
+        Tensor ``(D, N, *shape)``, float32: ``[d, n, i, j] = (i, j)[d] - clicks[n].position[d]``.
+    """
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32, device=device) for n in shape], indexing="ij")
+    centres = torch.tensor([c.position for c in clicks], dtype=torch.float32, device=device).view(len(clicks), len(shape))
+    return torch.stack([g.unsqueeze(0) - centres[:, d].view(-1, *[1] * len(shape)) for d, g in enumerate(grids)])
+
+
+def click_gaussians(offsets: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``exp(-|offset|^2 / (2 sigma^2))`` of :func:`click_offsets` output: ``(N, *shape)``, float32."""
+    squared = (offsets**2).sum(dim=0)
+    return torch.exp(-squared / (2.0 * sigma**2))
+
+
 def guidance_maps(
     clicks: Sequence[Click],
     shape: Sequence[int],
@@ -100,12 +123,7 @@ def guidance_maps(
     maps = torch.zeros((num_classes, *shape), dtype=torch.float32, device=device)
     if not clicks:
         return maps
-    grids = torch.meshgrid(
-        *[torch.arange(n, dtype=torch.float32, device=device) for n in shape], indexing="ij"
-    )
-    centres = torch.tensor([c.position for c in clicks], dtype=torch.float32, device=device)
-    squared = sum((g.unsqueeze(0) - centres[:, d].view(-1, *[1] * len(shape))) ** 2 for d, g in enumerate(grids))
-    gaussians = torch.exp(-squared / (2.0 * sigma**2))
+    gaussians = click_gaussians(click_offsets(clicks, shape, device), sigma)
     channels = torch.tensor([guidance_channel(c.label, num_classes) for c in clicks], device=device)
     maps.index_add_(0, channels, gaussians)
     peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)
@@ -120,10 +138,11 @@ def stamp_clicks(labels: torch.Tensor, clicks: Sequence[Click], radius: float) -
     agree with it there (``radius = 0``: the clicked pixel only).
     """
     stamped = labels.clone()
-    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in labels.shape], indexing="ij")
-    for click in clicks:
-        squared = sum((g - float(p)) ** 2 for g, p in zip(grids, click.position))
-        stamped[squared <= radius**2] = click.label
+    if not clicks:
+        return stamped
+    squared = (click_offsets(clicks, labels.shape, labels.device) ** 2).sum(dim=0)
+    for click, distance in zip(clicks, squared):
+        stamped[distance <= radius**2] = click.label
     return stamped
 
 

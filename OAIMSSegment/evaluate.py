@@ -25,17 +25,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice
 from tqdm import tqdm
 
 from OAIMSSegment.clicks import correction_click, localization_click, wrong_click
 from OAIMSSegment.data import NnUNetDataset, Sample
 from OAIMSSegment.errors import DatasetError, OAIMSError
+from OAIMSSegment.methods import METHODS
+from OAIMSSegment.metrics import class_dice, mean_foreground, number_of_clicks
 from OAIMSSegment.model import ClickSegmenter, load_model
-from OAIMSSegment.session import DEFAULT_LR, METHODS, AdaptConfig, InteractiveSession
-
-NOC_CAP = 20
-
+from OAIMSSegment.session import DEFAULT_LR, AdaptConfig, InteractiveSession
 
 @dataclass
 class Protocol:
@@ -63,29 +61,6 @@ class MethodRun:
     mi_ms: list[float] = field(default_factory=list)
     pi_ms: list[float] = field(default_factory=list)
     accepted_updates: int = 0
-
-
-def class_dice(mask: np.ndarray, target: np.ndarray, labels: dict[str, int]) -> dict[str, float]:
-    """Dice per foreground class (MONAI ``compute_dice``), plus ``disc`` (= rim + cup) when both exist.
-
-    An empty class in both prediction and target scores 1.0.
-    """
-    num_classes = len(labels)
-    prediction = torch.as_tensor(mask.astype(np.int64))
-    truth = torch.as_tensor(target.astype(np.int64))
-    one_hot = lambda m: torch.nn.functional.one_hot(m, num_classes).permute(2, 0, 1)[None].float()  # noqa: E731
-    scores = compute_dice(one_hot(prediction), one_hot(truth), include_background=True, ignore_empty=False)[0]
-    names = {index: name for name, index in labels.items()}
-    result = {names[k]: float(scores[k]) for k in range(1, num_classes)}
-    if "rim" in labels and "cup" in labels:
-        disc_pred = (prediction > 0).float()[None, None]
-        disc_true = (truth > 0).float()[None, None]
-        result["disc"] = float(compute_dice(disc_pred, disc_true, include_background=True, ignore_empty=False)[0, 0])
-    return result
-
-
-def mean_foreground(scores: dict[str, float], labels: dict[str, int]) -> float:
-    return float(np.mean([scores[name] for name, index in labels.items() if index > 0]))
 
 
 def run_method(
@@ -135,13 +110,6 @@ def run_method(
         for name, values in per_class.items():
             run.dice_per_class.setdefault(name, []).append(values)
     return run
-
-
-def number_of_clicks(curves: np.ndarray, threshold: float, cap: int = NOC_CAP) -> float:
-    """Mean clicks to reach ``threshold`` Dice; an image that never does counts as ``cap``."""
-    reached = curves >= threshold
-    counts = np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, cap)
-    return float(counts.mean())
 
 
 def order_samples(samples: list[Sample], model: ClickSegmenter, protocol: Protocol, seed: int) -> list[Sample]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
-from OAIMSSegment.clicks import Click
+from OAIMSSegment.clicks import Click, click_gaussians, click_offsets
 
 
 class DiceFocal(nn.Module):
@@ -76,17 +76,12 @@ def click_weight_map(
         raise ValueError(f"kernel must be 'gaussian' or 'uniform', got {kernel!r}")
     if not clicks:
         return torch.zeros(target.shape, dtype=torch.float32, device=target.device)
-    grids = torch.meshgrid(
-        *[torch.arange(n, dtype=torch.float32, device=target.device) for n in target.shape], indexing="ij"
-    )
-    centres = torch.tensor([c.position for c in clicks], dtype=torch.float32, device=target.device)
-    offsets = [g.unsqueeze(0) - centres[:, d].view(-1, *[1] * target.ndim) for d, g in enumerate(grids)]
-    inside = torch.stack([o.abs() <= 3.0 * sigma for o in offsets]).all(dim=0)
+    offsets = click_offsets(clicks, target.shape, target.device)
+    inside = (offsets.abs() <= 3.0 * sigma).all(dim=0)
     if kernel == "uniform" or sigma == 0:
         weights = inside.float()
     else:
-        squared = sum(o**2 for o in offsets)
-        weights = torch.exp(-squared / (2.0 * sigma**2)) * inside
+        weights = click_gaussians(offsets, sigma) * inside
     if class_limited:
         labels = torch.tensor([c.label for c in clicks], device=target.device)
         weights = weights * (target.unsqueeze(0) == labels.view(-1, *[1] * target.ndim))

@@ -25,23 +25,30 @@ __all__ = ["per_class_dice", "class_dice", "mean_foreground", "mean_foreground_d
 NOC_CAP = 20
 
 
-def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(H, W)`` (or ``(D, H, W)``) integer labels -> ``(1, K, ...)`` float one-hot."""
+def _one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(H, W)`` (or ``(D, H, W)``) integer labels -> ``(1, K, ...)`` one-hot of ``dtype``."""
     one_hot = torch.nn.functional.one_hot(labels.long(), num_classes)
-    return one_hot.movedim(-1, 0)[None].float()
+    return one_hot.movedim(-1, 0)[None].to(dtype)
 
 
-def per_class_dice(prediction: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
+def per_class_dice(
+    prediction: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    num_classes: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Dice of each class ``(K,)`` (background included) between two class maps of one shape.
 
-    A class empty in both maps scores 1.0.
+    A class empty in both maps scores 1.0. ``dtype`` is the precision of the ratio of pixel
+    counts (float32: the benchmarks' tables; float64: exactly ``2 |P & T| / (|P| + |T|)``).
     """
     prediction = torch.as_tensor(np.asarray(prediction).astype(np.int64)) if isinstance(prediction, np.ndarray) else prediction
     target = torch.as_tensor(np.asarray(target).astype(np.int64)) if isinstance(target, np.ndarray) else target
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     return compute_dice(
-        _one_hot(prediction, num_classes), _one_hot(target, num_classes), include_background=True, ignore_empty=False
+        _one_hot(prediction, num_classes, dtype), _one_hot(target, num_classes, dtype),
+        include_background=True, ignore_empty=False,
     )[0]
 
 
@@ -64,8 +71,9 @@ def mean_foreground(scores: Mapping[str, float], labels: Mapping[str, int]) -> f
 
 
 def mean_foreground_dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Dice averaged over the foreground classes present in either map (1.0 when both are empty)."""
-    scores = per_class_dice(prediction, target, num_classes)
+    """Dice averaged over the foreground classes present in either map (1.0 when both are empty),
+    in double precision: the PI guard compares it with a threshold."""
+    scores = per_class_dice(prediction, target, num_classes, torch.float64)
     present = [k for k in range(1, num_classes) if bool((prediction == k).any() or (target == k).any())]
     return float(np.mean([float(scores[k]) for k in present])) if present else 1.0
 

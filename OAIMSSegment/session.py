@@ -13,14 +13,9 @@ in online adaptation) and, for the image being segmented, the clicks and predict
   on, two optimizer steps using the accepted mask as pseudo ground truth (lines 22-32),
 * :meth:`~InteractiveSession.discard` the image and every update it caused.
 
-Methods (``method=``): ``frozen`` (the non-adaptive "ICNN" backbone), ``mi``, ``pi``,
-``pi+mi`` (OAIMS), and re-implementations of the paper's baselines from their papers'
-descriptions: ``ia+sa``, ``tsca``, and the unsupervised-loss variants of Appendix A.10
-``ce-pi``, ``ce-mi+pi``, ``ent-pi``, ``ent-mi+pi``. The CCG ablations are
-``pi+mi/no-class`` (no class-limited indicator), ``pi+mi/uniform`` (no Gaussian) and
-``pi+mi/sigma0`` (the clicked pixel only). ``pi+mi/click-label`` is our extension, not the
-paper's: MI's pseudo label is made to agree with the new click within ``sigma`` pixels of it
-(see :class:`AdaptConfig`).
+Methods (``method=``): the names of :data:`OAIMSSegment.methods.METHODS`; each method's MI loss
+and PI update live in :mod:`OAIMSSegment.methods`, the session keeps the image, its clicks (one
+:class:`ClickStep` per click), the optimizer and the safety nets (undo, discard, the PI guard).
 
 Optimizer: Adam, chosen by the measured sweep recorded in ``docs/BENCHMARKS.md``. Its
 state (moment estimates) is part of :meth:`~InteractiveSession.state_dict`, so a site
@@ -32,29 +27,20 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.losses import FocalLoss
 
-from OAIMSSegment.clicks import Click, ranked_error_clicks, stamp_clicks
+from OAIMSSegment.clicks import Click
 from OAIMSSegment.errors import SessionStateError
-from OAIMSSegment.losses import DiceFocal, ccg_loss, pixel_cross_entropy
+from OAIMSSegment.losses import DiceFocal
+from OAIMSSegment.methods import METHODS as METHOD_CLASSES
+from OAIMSSegment.methods import AdaptationMethod, get_method, weights_snapshot
+from OAIMSSegment.metrics import mean_foreground_dice
 from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, hard_labels, probabilities
 
-BASE_METHODS = ("frozen", "mi", "pi", "pi+mi", "ia+sa", "tsca", "ce-pi", "ce-mi+pi", "ent-pi", "ent-mi+pi")
-
-#: CCG ablations of OAIMS (paper Table 5 and Appendix A.8), as overrides of :class:`AdaptConfig`.
-VARIANTS: dict[str, dict[str, object]] = {
-    "no-class": {"ccg_class_limited": False},
-    "uniform": {"ccg_kernel": "uniform"},
-    "sigma0": {"sigma": 0.0},
-    "click-label": {"mi_click_label": True},
-}
-
-METHODS = BASE_METHODS + tuple(f"pi+mi/{variant}" for variant in VARIANTS)
+#: Every method name, in registry order (:data:`OAIMSSegment.methods.METHODS` maps them to classes).
+METHODS = tuple(METHOD_CLASSES)
 
 
 def method_name(mi: bool, pi: bool) -> str:
@@ -155,19 +141,26 @@ class AcceptResult:
     dice_after: float | None = None
 
 
-def _weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+@dataclass
+class ClickStep:
+    """One click of the open image, as :meth:`InteractiveSession.undo` needs it.
+
+    Attributes:
+        click: the click in original pixel coordinates.
+        working_click: the same click in working pixels.
+        snapshot: :meth:`InteractiveSession.state_dict` taken before the click's MI update
+            (None when the click caused none).
+        labels: the prediction with the clicks up to this one, working class map ``(Hp, Wp)``.
+        result: what :meth:`InteractiveSession.add_click` returned.
+    """
+
+    click: Click
+    working_click: Click
+    snapshot: dict | None
+    labels: torch.Tensor
+    result: ClickResult
 
 
-def mean_foreground_dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Dice averaged over foreground classes present in either map (1.0 when both are empty)."""
-    scores = []
-    for k in range(1, num_classes):
-        p, t = prediction == k, target == k
-        total = int(p.sum() + t.sum())
-        if total:
-            scores.append(2.0 * float((p & t).sum()) / total)
-    return float(np.mean(scores)) if scores else 1.0
 
 
 class InteractiveSession:
@@ -176,36 +169,35 @@ class InteractiveSession:
     Args:
         model: the segmentation model; its weights are updated in place by adaptive methods.
         method: one of :data:`METHODS`.
-        config: adaptation hyper-parameters.
+        config: adaptation hyper-parameters (the method's overrides are applied on top).
     """
 
     def __init__(self, model: ClickSegmenter, method: str = "pi+mi", config: AdaptConfig | None = None) -> None:
-        base, _, variant = method.partition("/")
-        if base not in BASE_METHODS or (variant and (base != "pi+mi" or variant not in VARIANTS)):
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        method_class = get_method(method)
         self.model = model
-        self.method = method
-        self.config = replace(config or AdaptConfig(), **VARIANTS.get(variant, {})).for_model(model.card)
         self.card = model.card
-        self.dice_focal = DiceFocal(binary=self.card.binary, alpha=self.config.alpha)
+        self.pretrained = weights_snapshot(model)
+        self._configure(method, method_class, config or AdaptConfig())
+        self.adaptation: AdaptationMethod = method_class(model)
         self.optimizer = self._new_optimizer()
-        self.pretrained = _weights_snapshot(model)
-        self.teacher: ClickSegmenter | None = None
-        if base == "tsca":
-            self.teacher = copy.deepcopy(model).eval()
-            self.teacher.requires_grad_(False)
-        self._base = base
         self._clear_image()
+
+    def _configure(self, method: str, method_class: type[AdaptationMethod], config: AdaptConfig) -> None:
+        """Set the method name, the effective config and the loss it parameterises."""
+        self.method = method
+        self._requested_config = config
+        self.config = replace(config, **method_class.overrides).for_model(self.card)
+        self.dice_focal = DiceFocal(binary=self.card.binary, alpha=self.config.alpha)
 
     # -- configuration ------------------------------------------------------------------------
 
     @property
     def mi_enabled(self) -> bool:
-        return self._base in ("mi", "pi+mi", "ia+sa", "tsca", "ce-mi+pi", "ent-mi+pi")
+        return self.adaptation.mi
 
     @property
     def pi_enabled(self) -> bool:
-        return self._base in ("pi", "pi+mi", "ce-pi", "ce-mi+pi", "ent-pi", "ent-mi+pi")
+        return self.adaptation.pi
 
     # -- image lifecycle ------------------------------------------------------------------------
 
@@ -215,14 +207,24 @@ class InteractiveSession:
         return self.prepared is not None
 
     @property
+    def steps(self) -> list[ClickStep]:
+        """The open image's clicks, one :class:`ClickStep` each, in order."""
+        return list(self._steps)
+
+    @property
     def clicks(self) -> list[Click]:
         """The image's clicks, in original pixel coordinates."""
-        return list(self._clicks)
+        return [step.click for step in self._steps]
+
+    @property
+    def working_clicks(self) -> list[Click]:
+        """The image's clicks, in working pixels."""
+        return [step.working_click for step in self._steps]
 
     @property
     def mask(self) -> np.ndarray | None:
         """The current class map ``(H, W)`` (None before the first click)."""
-        return self._results[-1].mask if self._results else None
+        return self._steps[-1].result.mask if self._steps else None
 
     def start(self, image: np.ndarray) -> None:
         """Begin a new image (raw intensities, ``(H, W)`` or ``(C, H, W)``).
@@ -247,32 +249,30 @@ class InteractiveSession:
         started = time.perf_counter()
         click = self.model.working_click(prepared, Click(tuple(position), int(label)))
         original = Click(tuple(int(round(float(v))) for v in position), int(label))
-        snapshot = self.state_dict() if self.mi_enabled and self._wclicks else None
-        self._wclicks.append(click)
+        clicks = self.working_clicks + [click]
+        snapshot = self.state_dict() if self.mi_enabled and self._steps else None
         loss, adapt_ms = None, 0.0
-        if snapshot is not None:
-            adapt_start = time.perf_counter()
-            loss = self._mid_interaction(click, snapshot)
-            adapt_ms = (time.perf_counter() - adapt_start) * 1000.0
-        self._clicks.append(original)
-        self._snapshots.append(snapshot)
-        with torch.no_grad():
-            logits = self._predict(self._wclicks)
-        self._working_labels.append(hard_labels(logits)[0])
+        try:
+            if snapshot is not None:
+                adapt_start = time.perf_counter()
+                loss = self._mid_interaction(clicks, snapshot)
+                adapt_ms = (time.perf_counter() - adapt_start) * 1000.0
+            with torch.no_grad():
+                logits = self.predict_logits(clicks)
+        except BaseException:
+            if snapshot is not None:  # the click is not recorded, so neither is its update
+                self.load_state_dict(snapshot)
+            raise
         result = self._result(logits, original, started, adapt_ms, loss)
-        self._results.append(result)
+        self._steps.append(ClickStep(original, click, snapshot, hard_labels(logits)[0], result))
         return result
 
     def undo(self) -> np.ndarray | None:
         """Remove the last click, revert the update it caused, and return the previous mask."""
         self._require_image()
-        if not self._clicks:
+        if not self._steps:
             raise SessionStateError("there is no click to undo")
-        self._clicks.pop()
-        self._wclicks.pop()
-        self._working_labels.pop()
-        self._results.pop()
-        snapshot = self._snapshots.pop()
+        snapshot = self._steps.pop().snapshot
         if snapshot is not None:
             self.load_state_dict(snapshot)
         return self.mask
@@ -291,10 +291,10 @@ class InteractiveSession:
                 clinician edited it; None accepts the current prediction.
         """
         prepared = self._require_image()
-        if not self._clicks:
+        if not self._steps:
             raise SessionStateError("nothing to accept: the image has no clicks")
         started = time.perf_counter()
-        n_clicks = len(self._clicks)
+        n_clicks = len(self._steps)
         if mask is not None:
             mask = np.asarray(mask)
             if mask.shape != prepared.original_shape:
@@ -305,7 +305,7 @@ class InteractiveSession:
                 raise SessionStateError(f"accepted mask has labels outside 0..{self.card.num_classes - 1}")
             final = prepared.mask_to_working(mask)
         else:
-            final = self._working_labels[-1]
+            final = self._steps[-1].labels
         try:
             if not self.pi_enabled:
                 return AcceptResult(False, f"method {self.method!r} has no post-interaction update",
@@ -323,10 +323,10 @@ class InteractiveSession:
         return torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
 
     def state_dict(self) -> dict:
-        """Model weights and optimizer state (plus the TSCA teacher), for the site store."""
-        state = {"model": _weights_snapshot(self.model), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-        if self.teacher is not None:
-            state["teacher"] = _weights_snapshot(self.teacher)
+        """Model weights and optimizer state (plus what the method keeps, e.g. TSCA's teacher),
+        for the site store."""
+        state = {"model": weights_snapshot(self.model), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        state.update(self.adaptation.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -338,75 +338,55 @@ class InteractiveSession:
         self.model.load_state_dict(state["model"])
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
-            # The saved state carries the learning rate it was saved with; the config decides.
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.lr
+            self._set_learning_rate()  # the saved state carries the rate it was saved with; the config decides
         else:
             self.optimizer = self._new_optimizer()
-        if self.teacher is not None:
-            self.teacher.load_state_dict(state.get("teacher", state["model"]))
+        self.adaptation.load_state_dict(state)
+
+    def _set_learning_rate(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr
 
     def reconfigure(self, method: str | None = None, config: AdaptConfig | None = None) -> None:
         """Change the method and/or hyper-parameters between images, keeping the adapted
-        weights, the optimizer state and the pretrained reference used by :meth:`reset_weights`."""
+        weights, the optimizer state and the pretrained reference used by :meth:`reset_weights`.
+
+        The new method's overrides apply to ``config`` (default: the config last asked for)."""
         if self.active:
             raise SessionStateError("accept or discard the current image before changing adaptation settings")
-        state, pretrained = self.state_dict(), self.pretrained
-        self.__init__(self.model, method or self.method, config or self.config)
-        self.pretrained = pretrained
-        self.load_state_dict(state)
+        method = method or self.method
+        method_class = get_method(method)
+        if method != self.method:
+            state = self.state_dict()
+            self.adaptation = method_class(self.model)
+            self.adaptation.load_state_dict(state)
+        self._configure(method, method_class, config or self._requested_config)
+        self._set_learning_rate()
 
     def reset_weights(self) -> None:
         """Back to the pretrained weights, with a fresh optimizer."""
         self.discard()
         self.model.load_state_dict(self.pretrained)
         self.optimizer = self._new_optimizer()
-        if self.teacher is not None:
-            self.teacher.load_state_dict(self.pretrained)
+        self.adaptation.load_state_dict({"model": self.pretrained})
 
-    # -- internals: prediction ------------------------------------------------------------------
+    # -- for the adaptation methods (:mod:`OAIMSSegment.methods`) ----------------------------------
 
-    def _require_image(self) -> PreparedImage:
-        if self.prepared is None:
-            raise SessionStateError("no image is open: call start(image) first")
-        return self.prepared
-
-    def _clear_image(self) -> None:
-        self.prepared: PreparedImage | None = None
-        self._clicks: list[Click] = []
-        self._wclicks: list[Click] = []
-        self._working_labels: list[torch.Tensor] = []
-        self._results: list[ClickResult] = []
-        self._snapshots: list[dict | None] = []
-        self._image_start: dict | None = None
-
-    def _predictor(self) -> ClickSegmenter:
-        return self.teacher if self.teacher is not None else self.model
-
-    def _predict(self, clicks: list[Click]) -> torch.Tensor:
-        predictor = self._predictor()
+    def predict_logits(self, clicks: list[Click]) -> torch.Tensor:
+        """Logits ``(1, 1|K, Hp, Wp)`` of the method's predictor (eval mode) on the open image with
+        ``clicks`` (working pixels); the caller decides about gradients."""
+        predictor = self.adaptation.predictor(self)
         predictor.eval()
         return predictor.logits(self.prepared, clicks)
 
-    def _result(self, logits: torch.Tensor, click: Click, started: float, adapt_ms: float, loss: float | None) -> ClickResult:
-        probs = probabilities(self.prepared.logits_to_original(logits))[0]
-        mask = probs.argmax(dim=0).to(torch.uint8).numpy()
-        latency = (time.perf_counter() - started) * 1000.0
-        return ClickResult(mask, probs.numpy().astype(np.float32), click, latency, adapt_ms, loss)
+    def train_logits(self, clicks: list[Click]) -> torch.Tensor:
+        """Logits ``(1, 1|K, Hp, Wp)`` of the adapted model in train mode, with gradients."""
+        self.model.train()
+        return self.model.logits(self.prepared, clicks)
 
-    # -- internals: losses and steps --------------------------------------------------------------
-
-    def _oaims_loss(self, logits: torch.Tensor, target: torch.Tensor, clicks: list[Click]) -> torch.Tensor:
-        """``L_DF + beta * L_CCG`` of Algorithm 1 (lines 18 and 31)."""
-        cfg = self.config
-        loss = self.dice_focal(logits, target[None])
-        if clicks:
-            loss = loss + cfg.beta * ccg_loss(
-                logits, target[None], [clicks], cfg.sigma, cfg.ccg_class_limited, cfg.ccg_kernel
-            )
-        return loss
-
-    def _step(self, loss: torch.Tensor) -> float:
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """One optimizer step on ``loss``; returns its value before the step. Raises
+        FloatingPointError (taking no step) for a non-finite loss."""
         value = float(loss.detach())
         if not np.isfinite(value):
             raise FloatingPointError(f"non-finite adaptation loss {value}")
@@ -415,133 +395,56 @@ class InteractiveSession:
         self.optimizer.step()
         return value
 
-    def _train_logits(self, clicks: list[Click]) -> torch.Tensor:
-        self.model.train()
-        return self.model.logits(self.prepared, clicks)
+    # -- internals ------------------------------------------------------------------------------
 
-    def _mid_interaction(self, click: Click, snapshot: dict) -> float | None:
-        """One adaptation step after ``click`` (already appended); ``snapshot`` is restored if it fails."""
-        strategy: dict[str, Callable[[Click], torch.Tensor]] = {
-            "mi": self._mi_loss_oaims,
-            "pi+mi": self._mi_loss_oaims,
-            "ia+sa": self._mi_loss_ia_sa,
-            "tsca": self._mi_loss_tsca,
-            "ce-mi+pi": lambda _: self._self_training_loss("ce", self._wclicks),
-            "ent-mi+pi": lambda _: self._self_training_loss("ent", self._wclicks),
-        }
+    def _require_image(self) -> PreparedImage:
+        if self.prepared is None:
+            raise SessionStateError("no image is open: call start(image) first")
+        return self.prepared
+
+    def _clear_image(self) -> None:
+        self.prepared: PreparedImage | None = None
+        self._steps: list[ClickStep] = []
+        self._image_start: dict | None = None
+
+    def _result(self, logits: torch.Tensor, click: Click, started: float, adapt_ms: float, loss: float | None) -> ClickResult:
+        probs = probabilities(self.prepared.logits_to_original(logits))[0]
+        mask = probs.argmax(dim=0).to(torch.uint8).numpy()
+        latency = (time.perf_counter() - started) * 1000.0
+        return ClickResult(mask, probs.numpy().astype(np.float32), click, latency, adapt_ms, loss)
+
+    def _mid_interaction(self, clicks: list[Click], snapshot: dict) -> float | None:
+        """One adaptation step after ``clicks[-1]``; ``snapshot`` is restored if its loss is not finite."""
         try:
-            value = self._step(strategy[self._base](click))
+            value = self.optimizer_step(self.adaptation.mi_loss(self, clicks))
         except FloatingPointError:
             self.load_state_dict(snapshot)
             return None
-        if self.teacher is not None:
-            self._update_teacher()
+        self.adaptation.after_mi_step(self)
         return value
 
-    def _mi_initial_labels(self) -> torch.Tensor:
-        """Hard labels ``(Hp, Wp)`` of P_t^initial: the prediction with every click, no gradient."""
+    def _prediction_dice(self, final: torch.Tensor) -> float:
+        """Mean foreground Dice of the prediction with the image's clicks against ``final``."""
         with torch.no_grad():
-            return hard_labels(self._predict(self._wclicks))[0]
-
-    def _mi_loss_oaims(self, click: Click) -> torch.Tensor:
-        """Algorithm 1, lines 17-18: pseudo label P_t^initial (no gradient) supervises P_{t-1}."""
-        pseudo_label = self._mi_initial_labels()
-        if self.config.mi_click_label:
-            pseudo_label = stamp_clicks(pseudo_label, [click], self.config.sigma)
-        previous = self._train_logits(self._wclicks[:-1])
-        return self._oaims_loss(previous, pseudo_label, [click])
-
-    def _clicked_pixels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows, columns and labels of the image's clicks in working pixels, each ``(N,)``."""
-        return (
-            torch.tensor([c.position[0] for c in self._wclicks]),
-            torch.tensor([c.position[1] for c in self._wclicks]),
-            torch.tensor([c.label for c in self._wclicks]),
-        )
-
-    def _mi_loss_ia_sa(self, click: Click) -> torch.Tensor:
-        """IA+SA-style: sparse cross-entropy on the clicked pixels, regularised towards the
-        image's first prediction and towards the initial weights (Kontogianni et al.)."""
-        cfg = self.config
-        logits = self._train_logits(self._wclicks)
-        rows, cols, labels = self._clicked_pixels()
-        target = self._working_labels[0].clone()
-        target[rows, cols] = labels
-        click_ce = pixel_cross_entropy(logits, target[None])[0]
-        sparse = click_ce[rows, cols].mean()
-        first_prediction = click_ce.mean()
-        decay = sum(((p - self.pretrained[name]) ** 2).sum() for name, p in self.model.named_parameters() if name in self.pretrained)
-        return sparse + cfg.ia_mask_weight * first_prediction + cfg.ia_weight_decay * decay
-
-    def _mi_loss_tsca(self, click: Click) -> torch.Tensor:
-        """TSCA-style: student trained with a focal loss on the clicked pixels plus consistency
-        with the EMA teacher's prediction; the teacher makes the predictions shown."""
-        cfg = self.config
-        logits = self._train_logits(self._wclicks)
-        with torch.no_grad():
-            teacher_labels = hard_labels(self._predict(self._wclicks))[0]
-        rows, cols, labels = self._clicked_pixels()
-        clicked = logits[0, :, rows, cols].T[..., None]  # (N, L, 1): the clicked pixels as a batch
-        focal = FocalLoss(use_softmax=not self.card.binary, to_onehot_y=not self.card.binary)
-        sparse = focal(clicked, labels.view(-1, 1, 1).float() if self.card.binary else labels.view(-1, 1, 1))
-        consistency = pixel_cross_entropy(logits, teacher_labels[None]).mean()
-        return sparse + cfg.tsca_consistency * consistency
-
-    def _update_teacher(self) -> None:
-        momentum = self.config.tsca_momentum
-        with torch.no_grad():
-            student = dict(self.model.state_dict())
-            for name, value in self.teacher.state_dict().items():
-                if value.is_floating_point():
-                    value.mul_(momentum).add_(student[name], alpha=1.0 - momentum)
-                else:
-                    value.copy_(student[name])
-
-    def _self_training_loss(self, kind: str, clicks: list[Click]) -> torch.Tensor:
-        """Appendix A.10: cross-entropy against the model's own hard prediction, or entropy."""
-        logits = self._train_logits(clicks)
-        if kind == "ce":
-            return pixel_cross_entropy(logits, hard_labels(logits.detach())).mean()
-        probs = probabilities(logits)
-        return -(probs * torch.log(probs.clamp_min(1e-8))).sum(dim=1).mean()
+            labels = hard_labels(self.predict_logits(self.working_clicks))[0]
+        return mean_foreground_dice(labels, final, self.card.num_classes)
 
     def _post_interaction(self, final: torch.Tensor, started: float, n_clicks: int) -> AcceptResult:
-        """Algorithm 1, lines 22-32, with a guard that undoes a harmful update."""
+        """The method's PI update (Algorithm 1, lines 22-32), undone if it harms the accepted image."""
         before = self.state_dict()
-        with torch.no_grad():
-            dice_before = mean_foreground_dice(hard_labels(self._predict(self._wclicks))[0], final, self.card.num_classes)
-        losses: dict[str, float] = {}
+        dice_before = self._prediction_dice(final)
+        elapsed = lambda: (time.perf_counter() - started) * 1000.0  # noqa: E731
         try:
-            if self._base == "pi" or self._base == "pi+mi":
-                first = self._wclicks[:1]
-                with torch.no_grad():
-                    first_labels = hard_labels(self._predict(first))[0]
-                losses["stage1"] = self._step(self.dice_focal(self._train_logits(first), final[None]))
-                generated = ranked_error_clicks(
-                    first_labels.numpy(), final.numpy(), self.card.num_classes, n_clicks, self._rng()
-                )
-                if generated:
-                    losses["stage2"] = self._step(self._oaims_loss(self._train_logits(generated), final, generated))
-            else:
-                kind = "ce" if self._base.startswith("ce") else "ent"
-                losses[kind] = self._step(self._self_training_loss(kind, self._wclicks))
+            losses = self.adaptation.pi_update(self, final, n_clicks)
         except FloatingPointError as error:
             self.load_state_dict(before)
-            return AcceptResult(False, f"update rejected: {error}", (time.perf_counter() - started) * 1000.0,
-                                losses, n_clicks, dice_before)
-        with torch.no_grad():
-            dice_after = mean_foreground_dice(hard_labels(self._predict(self._wclicks))[0], final, self.card.num_classes)
+            return AcceptResult(False, f"update rejected: {error}", elapsed(), {}, n_clicks, dice_before)
+        dice_after = self._prediction_dice(final)
         finite = all(torch.isfinite(p).all() for p in self.model.parameters())
         if not finite or dice_after < dice_before - self.config.max_dice_drop:
             self.load_state_dict(before)
             reason = "non-finite weights" if not finite else (
                 f"update rejected: Dice on the accepted image fell from {dice_before:.3f} to {dice_after:.3f}"
             )
-            return AcceptResult(False, reason, (time.perf_counter() - started) * 1000.0, losses, n_clicks,
-                                dice_before, dice_after)
-        return AcceptResult(True, "", (time.perf_counter() - started) * 1000.0, losses, n_clicks, dice_before, dice_after)
-
-    def _rng(self) -> np.random.Generator:
-        """Seeded per image from its clicks, so an accept is reproducible."""
-        seed = hash(tuple((c.position, c.label) for c in self._wclicks)) & 0xFFFFFFFF
-        return np.random.default_rng(seed)
+            return AcceptResult(False, reason, elapsed(), losses, n_clicks, dice_before, dice_after)
+        return AcceptResult(True, "", elapsed(), losses, n_clicks, dice_before, dice_after)

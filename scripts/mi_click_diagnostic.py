@@ -8,8 +8,9 @@ indicator ``I_c`` (Eq. 2). Writes per-click means over images and seeds as JSON.
     PYTHONPATH=. python scripts/mi_click_diagnostic.py --model brain-lesion-flair \
         --dataset ../shared/data/Dataset002_BraTS18_T1 --json results/diagnostics/mi-click-t1.json
 
-The recording session is swapped into ``OAIMSSegment.evaluate`` so the images, order and
-clicks are exactly those of ``evaluate``.
+A recording subclass of the method replaces it in the registry
+(:data:`OAIMSSegment.methods.METHODS`) for this run, so the images, order and clicks are exactly
+those of ``evaluate``.
 """
 
 from __future__ import annotations
@@ -23,27 +24,30 @@ import numpy as np
 import torch
 
 import OAIMSSegment.evaluate as evaluate
+from OAIMSSegment import methods
 from OAIMSSegment.data import NnUNetDataset
 from OAIMSSegment.losses import click_weight_map
 from OAIMSSegment.model import load_model
-from OAIMSSegment.session import AdaptConfig, InteractiveSession
+from OAIMSSegment.session import AdaptConfig
 
 RECORDS: dict[str, dict[int, list[float]]] = {"obeys": defaultdict(list), "ccg_share": defaultdict(list)}
 
 
-class RecordingSession(InteractiveSession):
-    """An :class:`InteractiveSession` that records what its MI pseudo labels say at the click."""
+def recording(method: type[methods.OAIMS]) -> type[methods.OAIMS]:
+    """``method`` recording what its MI pseudo labels say at the click."""
 
-    def _mi_initial_labels(self) -> torch.Tensor:
-        pseudo_label = super()._mi_initial_labels()
-        click = self._wclicks[-1]
-        t = len(self._wclicks)
-        RECORDS["obeys"][t].append(float(pseudo_label[click.position] == click.label))
-        sigma = self.config.sigma
-        limited = click_weight_map([click], pseudo_label, sigma, class_limited=True).sum()
-        window = click_weight_map([click], pseudo_label, sigma, class_limited=False).sum()
-        RECORDS["ccg_share"][t].append(float(limited / window))
-        return pseudo_label
+    class Recording(method):
+        def initial_labels(self, session, clicks):
+            pseudo_label = super().initial_labels(session, clicks)
+            click, t = clicks[-1], len(clicks)
+            RECORDS["obeys"][t].append(float(pseudo_label[click.position] == click.label))
+            sigma = session.config.sigma
+            limited = click_weight_map([click], pseudo_label, sigma, class_limited=True).sum()
+            window = click_weight_map([click], pseudo_label, sigma, class_limited=False).sum()
+            RECORDS["ccg_share"][t].append(float(limited / window))
+            return pseudo_label
+
+    return Recording
 
 
 def main() -> None:
@@ -64,7 +68,10 @@ def main() -> None:
     samples = evaluate.select_samples(
         list(NnUNetDataset(args.dataset).samples(args.split, min_foreground=args.min_foreground)), args.max_images
     )
-    evaluate.InteractiveSession = RecordingSession
+    method = methods.get_method(args.method)
+    if not (issubclass(method, methods.OAIMS) and method.mi):
+        parser.error(f"--method {args.method} is not an OAIMS method with MI")
+    methods.METHODS[args.method] = recording(method)
     protocol = evaluate.Protocol(clicks=args.clicks)
     config = AdaptConfig().for_model(model.card)
     curves = []

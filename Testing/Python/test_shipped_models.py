@@ -8,8 +8,8 @@ import pytest
 from conftest import require_shared_data
 from OAIMSSegment.clicks import correction_click, localization_click
 from OAIMSSegment.data import NnUNetDataset, synthetic_samples
-from OAIMSSegment.evaluate import class_dice, mean_foreground
 from OAIMSSegment.files import sha256_file
+from OAIMSSegment.metrics import class_dice, mean_foreground
 from OAIMSSegment.model import list_models, load_model, MODELS_DIR
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
 
