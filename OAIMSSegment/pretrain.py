@@ -291,7 +291,8 @@ def pretrain(
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pretrain", help="pretrain a click-guided model (Algorithm 2)")
     parser.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder, or 'synthetic'")
-    parser.add_argument("--out", required=True, help="weights file to write (a card <out>.json is written beside it)")
+    parser.add_argument("--out", type=types.writable_file, required=True,
+                        help="weights file to write (a card <out>.json is written beside it; checked before training)")
     parser.add_argument("--name", help="model name (default: the output file's stem)")
     parser.add_argument("--task", default="", help="one-line description for the model card")
     parser.add_argument("--axis", default="axial", help="slicing orientation of 3D volumes")

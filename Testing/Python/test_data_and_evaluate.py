@@ -282,7 +282,8 @@ def test_pretrain_options_are_refused_in_one_line(tmp_path, capsys):
     base = ["pretrain", "--dataset", "synthetic", "--out", str(tmp_path / "m.pt")]
     for option, message in [(["--lr", "nan"], "--lr: must be a finite number"), (["--steps", "0"], "--steps: must be at least 1"),
                             (["--working-size", "100000"], "at most 4096 px"), (["--channels", "8,x"], "--channels"),
-                            (["--batch-size", "-2"], "--batch-size")]:
+                            (["--batch-size", "-2"], "--batch-size"),
+                            (["--out", str(Path(__file__) / "x.pt")], "is not a folder")]:
         with pytest.raises(SystemExit) as exit_info:
             main([*base, *option])
         assert exit_info.value.code == 2
