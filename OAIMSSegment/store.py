@@ -6,7 +6,8 @@ never lose it, never execute it and never return it silently corrupted.
 Layout, one folder per site and model (``<root>/<site>/<model_name>/``)::
 
     manifest.json        the commit point: base model sha256, current version, the index of
-                         versions (sha256, size, time, action, parent) and the next number
+                         versions (sha256, size, time, action, parent, based_on, merged,
+                         images) and the next number
     manifest.bak.json    copy of the last committed manifest, used if manifest.json is unreadable
     history.jsonl        append-only log, one JSON object a line
     versions/v000007.pt  torch.save of the state dict of version 7 (never modified once written)
@@ -23,6 +24,14 @@ last ``keep_last``, not current, not the current one's parent) is rewritten once
 state keys in ``milestone_drop`` (the Adam moments: twice the size of the weights, and only
 needed to continue adapting from the newest versions). The milestone is written as a new file
 and committed through the manifest like a save; the full file is deleted only afterwards.
+
+No symbolic link inside a site folder is ever followed (a shared folder must not let a save
+write elsewhere); writers serialize on the lock, and :meth:`SiteModel.transaction` reads the
+newest version and commits on top of it (docs/STORE.md: the consistency model).
+
+The store is split in four modules: this one (:class:`SiteModelStore`), ``store_site``
+(:class:`SiteModel`, :class:`SiteTransaction`), ``store_format`` (names, manifest schema,
+weights, records) and ``store_archive`` (export and import). Import from here.
 
 No Qt and no Slicer imports here: this is engine code, used by the CLI and the Slicer module.
 """

@@ -270,7 +270,7 @@ def read_member(zf: zipfile.ZipFile, name: str, limit: int) -> tuple[bytes, str]
     The header's size can lie and a small deflated member can inflate to gigabytes, so the
     member is decompressed 1 MiB at a time and reading stops at ``limit + 1`` bytes: memory
     stays within the limit plus one block, whatever the archive claims."""
-    too_big = StoreError(f"archive member {name} is larger than {limit} bytes (the size of a version of this site)")
+    too_big = StoreError(f"archive member {name} is larger than {limit} bytes; not imported")
     if zf.getinfo(name).file_size > limit:
         raise too_big
     digest, blocks, size = hashlib.sha256(), [], 0
