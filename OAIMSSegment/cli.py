@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "OAIMSSegment.demo",
     "OAIMSSegment.pretrain",
     "OAIMSSegment.evaluate",
+    "OAIMSSegment.evaluate_volumes",
     "OAIMSSegment.bench",
     "OAIMSSegment.proposals",
 )
