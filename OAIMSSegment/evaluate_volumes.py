@@ -66,6 +66,7 @@ class VolumeRun:
     dice: list[list[float]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     slice_clicks: list[int] = field(default_factory=list)
+    propagation: dict[str, float] = field(default_factory=dict)
 
 
 def volume_dice(prediction: np.ndarray, target: np.ndarray, labels: dict[str, int]) -> float:
@@ -140,6 +141,7 @@ def run_volumes(model: ClickSegmenter, method: str, volumes: list[Volume], inter
         session.accept()
         run.seconds.append(time.perf_counter() - started)
         run.dice.append(curve)
+    run.propagation = dict(session.propagation_cost)
     return run
 
 
@@ -210,6 +212,12 @@ def summarise(runs: list[VolumeRun]) -> dict:
         "dice_auc_6": float(((first[1:] + first[:-1]) / 2.0).sum()),
         "dice_first_6": first.tolist(),
     }
+    slices = sum(run.propagation["slices"] for run in runs)
+    if slices:
+        entry["propagation_ms_per_slice"] = {
+            "wall": 1000.0 * sum(run.propagation["seconds"] for run in runs) / slices,
+            "cpu": 1000.0 * sum(run.propagation["cpu_seconds"] for run in runs) / slices,
+        }
     if runs[0].slice_clicks:
         entry["slice_by_slice_clicks_to_80"] = float(np.mean([c for run in runs for c in run.slice_clicks]))
     return entry
@@ -245,15 +253,17 @@ def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate-volumes", help="simulated-clinician benchmark on whole 3D volumes")
     parser.add_argument("--model", required=True, help="shipped model name or weights/card path")
-    parser.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder of 3D volumes")
-    parser.add_argument("--split", default="Ts", choices=["Tr", "Ts"])
-    parser.add_argument("--methods", default="frozen,pi+mi", help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--interactions", type=int, default=10, help="clicks per volume")
-    parser.add_argument("--max-volumes", type=int, help="use at most N volumes, spread evenly over the dataset")
+    parser.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder of 3D volumes")
     parser.add_argument("--axis", default="axial", help="slicing orientation")
+    parser.add_argument("--split", default="Ts", choices=["Tr", "Ts"])
+    parser.add_argument("--max-volumes", type=int, help="use at most N volumes, spread evenly over the dataset")
+    parser.add_argument("--methods", default="frozen,pi+mi", help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0, help="first seed (volume order)")
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
     parser.add_argument("--lr", type=float, help="adaptation learning rate (default: the model card's)")
+    parser.add_argument("--json", required=True, help="write results here")
+    parser.add_argument("--plot", help="write a Dice-vs-interactions PNG here")
     defaults = Propagation()
     parser.add_argument("--seeding", default=defaults.seeding, choices=SEEDINGS)
     parser.add_argument("--min-area-ratio", type=float, default=defaults.min_area_ratio)
@@ -269,18 +279,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--slice-clicks", type=int, default=5, help="2D workflow: at most this many clicks per slice")
     parser.add_argument("--slice-cap", type=int, default=400, help="2D workflow: clicks counted for a volume never reaching 0.8")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    parser.add_argument("--json", required=True, help="write results here")
-    parser.add_argument("--plot", help="write a Dice-vs-interactions PNG here")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    for name in ("interactions", "seeds"):
+        if getattr(args, name) < 1:
+            raise OAIMSError(f"--{name} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.interactions < 1:
-        raise OAIMSError("--interactions must be at least 1")
-    if args.seeds < 1:
-        raise OAIMSError("--seeds must be at least 1")
     model = load_model(args.model)
     dataset = NnUNetDataset(args.dataset)
     if dataset.image_channels != model.card.image_channels:

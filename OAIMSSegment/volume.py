@@ -27,6 +27,7 @@ index into the slice, whose two axes are the remaining spatial axes in order.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,6 +152,8 @@ class VolumeSession:
         self.session = session
         self.propagation = propagation or Propagation()
         self.learn_from_propagated = learn_from_propagated
+        #: Propagation cost since construction: forward passes, wall and CPU seconds (``bench`` figures).
+        self.propagation_cost = {"slices": 0, "seconds": 0.0, "cpu_seconds": 0.0}
         self._slices: np.ndarray | None = None
         self._axis = 0
         self._channels = False
@@ -403,6 +406,7 @@ class VolumeSession:
         """One forward pass on slice ``index`` with ``seeds``: ``(class map (H, W), mean foreground
         probability)``, or None for a slice the model cannot take (constant, empty)."""
         model = self.session.model
+        self.propagation_cost["slices"] += 1
         try:
             prepared = model.prepare(self._slices[index])
         except InvalidImageError:
@@ -421,8 +425,11 @@ class VolumeSession:
         into ``origin`` before it was worked on (its chain through ``origin`` is replaced too)."""
         chains = {origin} if former is None else {origin, former}
         changed: list[int] = []
+        wall, cpu = time.perf_counter(), time.process_time()
         for step in (1, -1):
             changed += self._propagate_direction(origin, step, chains)
+        self.propagation_cost["seconds"] += time.perf_counter() - wall
+        self.propagation_cost["cpu_seconds"] += time.process_time() - cpu
         return sorted(changed)
 
     def _propagate_direction(self, origin: int, step: int, chains: set[int]) -> list[int]:

@@ -36,9 +36,15 @@ def demo_model():
     return load_model("demo-synthetic-blobs")
 
 
-def volume_session(model, method: str = "pi+mi", lr: float = 1e-3, **kwargs) -> VolumeSession:
+#: The demo model's predictions vary more from slice to slice than the brain model's, and it
+#: reads background clicks poorly: the rule measured for it (the brain defaults stop it early).
+DEMO_RULE = Propagation("interior", min_area_ratio=0.5, max_area_ratio=1.5)
+
+
+def volume_session(model, method: str = "pi+mi", lr: float = 1e-3, propagation: Propagation = DEMO_RULE,
+                   **kwargs) -> VolumeSession:
     # A large learning rate makes every adaptation step visible in the weights.
-    return VolumeSession(InteractiveSession(model, method, AdaptConfig(lr=lr)), **kwargs)
+    return VolumeSession(InteractiveSession(model, method, AdaptConfig(lr=lr)), propagation, **kwargs)
 
 
 def weights(session: VolumeSession) -> dict:
@@ -70,8 +76,7 @@ def test_a_click_propagates_through_the_structure_and_stops_at_its_end(demo_mode
 def test_without_a_stopping_rule_propagation_runs_past_the_structure(demo_model):
     """The reason for the default rules: a seeded click makes the model draw something anywhere."""
     image, _ = ellipsoid()
-    session = volume_session(demo_model, "frozen", propagation=Propagation(min_area_ratio=0.0, max_area_ratio=float("inf"),
-                                                                          min_overlap=0.0, min_confidence=0.0))
+    session = volume_session(demo_model, "frozen", propagation=Propagation("interior", min_overlap=0.0))
     session.open(image)
     session.click(8, (30, 34), 1)
     assert len(nonempty_slices(session.volume_mask())) > 11
