@@ -308,15 +308,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.slice_by_slice:
         slice_options = {"slice_target": args.slice_target, "slice_clicks": args.slice_clicks, "cap": args.slice_cap}
     started = time.time()
-    summary = evaluate_volumes(model, volumes, methods, args.interactions, seeds, config, propagation,
-                               args.learn_from_propagated, slice_options)
-    summary.update({
-        "n_volumes": len(volumes), "dataset": f"{dataset.name}/images{args.split}", "model": model.card.name,
-        "seed": args.seed, "seeds": seeds, "axis": args.axis, "propagation": asdict(propagation),
-        "learn_from_propagated": args.learn_from_propagated, "config": asdict(config), "slice_by_slice": slice_options,
-        "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1),
-    })
-    atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")
+    summary: dict = {"results": {}}
+    for method in methods:  # the JSON is rewritten after each method, so a long run keeps what it finished
+        summary["results"].update(evaluate_volumes(model, volumes, [method], args.interactions, seeds, config,
+                                                   propagation, args.learn_from_propagated, slice_options)["results"])
+        summary.update({
+            "n_volumes": len(volumes), "dataset": f"{dataset.name}/images{args.split}", "model": model.card.name,
+            "seed": args.seed, "seeds": seeds, "axis": args.axis, "propagation": asdict(propagation),
+            "learn_from_propagated": args.learn_from_propagated, "config": asdict(config),
+            "slice_by_slice": slice_options, "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1),
+        })
+        atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")
     if args.plot:
         _plot(summary, args.plot)
     _print_table(summary)
