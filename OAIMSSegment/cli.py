@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "OAIMSSegment.demo",
     "OAIMSSegment.pretrain",
     "OAIMSSegment.evaluate",
+    "OAIMSSegment.evaluate_volumes",
     "OAIMSSegment.bench",
     "OAIMSSegment.proposals",
 )
