@@ -1,4 +1,4 @@
-"""Command line: ``python -m OAIMSSegment <command> ...``.
+"""Command line: ``python -m OAIMSSegment <command> ...``, or ``oaims <command> ...`` once installed.
 
 Each command lives in the module that implements it; that module exposes
 ``add_commands(subparsers)`` which registers its sub-commands and sets ``func`` on each
@@ -33,9 +33,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m OAIMSSegment") -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m OAIMSSegment",
+        prog=prog,
         description="Interactive segmentation with online adaptation from clicks (OAIMS).",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m OAIMSSegment") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -55,3 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except OAIMSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def oaims() -> int:
+    """The ``oaims`` console command of an installed package (``pip install .``)."""
+    return main(prog="oaims")

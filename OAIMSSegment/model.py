@@ -27,8 +27,18 @@ from OAIMSSegment.clicks import Click, guidance_maps, validate_click
 from OAIMSSegment.errors import InvalidImageError, ModelError
 from OAIMSSegment.files import atomic_write_bytes, atomic_write_text, sha256_bytes, sha256_file
 
+
+def _shipped_models_dir() -> Path:
+    """Where the shipped models are: ``OAIMSSegment/Models`` in an installed package (``pip
+    install .`` maps ``Resources/Models`` there), else ``Resources/Models`` of the repository
+    (the Slicer extension's layout)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "Models"
+    return installed if installed.is_dir() else package.parent / "Resources" / "Models"
+
+
 #: Shipped model cards and weights (segmentation and proposal models).
-MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+MODELS_DIR = _shipped_models_dir()
 
 #: A card's ``"kind"``: a click-guided segmentation model (:class:`ModelCard`) or a proposal
 #: model (:mod:`OAIMSSegment.proposals`).
