@@ -121,3 +121,88 @@ def test_carried_adam_state_is_adam_replaying_the_same_gradients_after_the_newes
     fresh = carry_update({"model": newest["model"]}, based_on, mine)["optimizer"]["state"][0]
     assert float(fresh["step"]) == 3.0
     torch.testing.assert_close(fresh["exp_avg"], adam_after(None, gradients[4:])["optimizer"]["state"][0]["exp_avg"])
+
+
+# -- the real Slicer Logic, one process per workstation ------------------------------------------------
+
+
+def _slicer_workstation(store: str, model_path: str, settings: str, accepts: int, start, results) -> None:
+    """One workstation: ``OAIMSSegment.py`` loaded as Slicer loads it, on real MRML, accepting
+    ``accepts`` slices into the site "default" of ``store``. Puts on ``results`` the sum of its own
+    updates (the weights each accept's save starts from, minus those the image started from) and
+    the accept reports."""
+    torch.set_num_threads(1)
+    from test_slicer_module import add_volume, ball_volume
+
+    import slicer
+    import slicer_test_doubles
+
+    slicer_test_doubles.install(settings)
+    spec = importlib.util.spec_from_file_location("OAIMSSegment", REPO / "OAIMSSegment.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["OAIMSSegment"] = module
+    spec.loader.exec_module(module)
+    unmerged = []
+    save_update = SiteSession.save_update
+
+    def recording(self, outcomes, adapted):  # the workstation's own weights, before any merge
+        unmerged.append({k: v.clone() for k, v in self.session.model.state_dict().items()})
+        return save_update(self, outcomes, adapted)
+
+    SiteSession.save_update = recording
+    logic = module.OAIMSSegmentLogic(storeFolder=store)
+    logic.setModel(model_path)
+    logic.setAdaptation(lr=1e-3)
+    volume = add_volume(slicer.mrmlScene, ball_volume((accepts, 32, 32)), np.eye(4))  # IJK = RAS
+    logic.startSegment(volume, slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
+    start.wait()  # all three at version 0: the site moves on under each of them
+    delta, reports = None, []
+    for k in range(accepts):
+        before = {key: v.clone() for key, v in logic.session.model.state_dict().items()}
+        logic.addClick((16, 16, k), True)
+        logic.addClick((2, 2, k), False)
+        reports.append(logic.accept())
+        own = {key: unmerged[-1][key] - before[key] for key in before}
+        delta = own if delta is None else {key: delta[key] + own[key] for key in own}
+    # numpy, not tensors: torch would share the tensors' memory with a process that is about to exit.
+    results.put({"delta": {key: v.numpy() for key, v in delta.items()}, "reports": reports})
+
+
+def test_three_slicer_workstations_in_separate_processes_lose_no_update(tmp_path):
+    """3 workstations x 10 accepts on one site: 30 versions, and the final weights are the
+    pretrained ones plus every workstation's every update."""
+    from test_slicer_module import make_model
+
+    from OAIMSSegment.model import load_model
+
+    model_path, accepts = make_model(tmp_path, "tiny-binary", 1, {"background": 0, "lesion": 1}), 10
+    store = tmp_path / "sites"
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_slicer_workstation,
+                         args=(str(store), model_path, str(tmp_path / f"settings{n}"), accepts, start, results))
+             for n in range(3)]
+    for p in procs:
+        p.start()
+    outputs = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    model = load_model(model_path)
+    pretrained = model.state_dict()
+    site = SiteModelStore(store).open("default", model.card.name, model.card.sha256)
+    assert site.current_version == 30 and site.images() == 30
+
+    reports = [r for out in outputs for r in out["reports"]]
+    assert all(r["saved"] for r in reports) and sorted(r["version"] for r in reports) == list(range(1, 31))
+    lines = [e for e in site.history() if e["action"] == "adapt"]
+    assert [e["version"] for e in lines] == list(range(1, 31))
+    assert all(e["parent"] == e["version"] - 1 and e["merged"] == (e["based_on"] != e["parent"]) for e in lines)
+    assert sum(e["merged"] for e in lines) >= 2  # all three started at version 0, so two first saves merge
+
+    final = site.load_current()["model"]
+    for out in outputs:  # each workstation's updates are far above the tolerance below
+        assert max(float(np.abs(d).max()) for d in out["delta"].values()) > 1e-3
+    for key, value in final.items():
+        total = torch.from_numpy(sum(out["delta"][key] for out in outputs))
+        torch.testing.assert_close(value - pretrained[key], total, atol=1e-5, rtol=0)
