@@ -10,18 +10,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import tiny_card
-from OAIMSSegment.model import ClickSegmenter, save_model
+from OAIMSSegment.model import ClickSegmenter
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
 from OAIMSSegment.site_merge import carry_update
 from OAIMSSegment.site_session import SiteSession
 from OAIMSSegment.store import SiteModelStore
 
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 
 
 def workstation(store, site: str = "hospital-a") -> SiteSession:
