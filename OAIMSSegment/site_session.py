@@ -339,6 +339,7 @@ def _version_record(outcomes: Sequence[AcceptResult], method: str, images: int) 
     info.update(dice_before=mean([o.dice_before for o in outcomes]), dice_after=mean([o.dice_after for o in outcomes]))
     return info
 
+
 def _images_of(state: dict, site_model: SiteModel, version: int) -> int | None:
     """Images behind ``version``, whose ``state`` was loaded: saved with its weights, else from the history."""
     count = state.get(IMAGES_KEY)
