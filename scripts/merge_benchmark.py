@@ -13,7 +13,9 @@ the shifted synthetic target site (``OAIMSSegment.data.synthetic_samples``, simu
 * ``one_workstation``: the first workstation's 10 images alone.
 
 Each final site version, and the pretrained model, is then scored without adaptation on held-out
-target images (Dice after 1 and 3 simulated clicks). Writes JSON::
+target images (Dice after 1 and 3 simulated clicks), and its update (final minus pretrained
+weights, all tensors as one vector) is compared with the sequential one: ``update_norm_ratio``
+(its length over the sequential update's) and ``update_cosine``. Writes JSON::
 
     OMP_NUM_THREADS=1 python scripts/merge_benchmark.py --out runs/merge_benchmark.json
 """
@@ -72,11 +74,16 @@ def held_out_dice(model: ClickSegmenter, state: dict | None, samples: list, seed
     return {"dice_1": float(curves[:, 0].mean()), "dice_3": float(curves[:, 2].mean())}
 
 
+def update_vector(state: dict, pretrained: dict) -> torch.Tensor:
+    """All weights of ``state`` minus the pretrained ones, as one vector."""
+    return torch.cat([(state["model"][key] - value).flatten().double() for key, value in pretrained.items()])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="JSON result file")
     parser.add_argument("--images", type=int, default=30, help="accepted images in all (split over 3 workstations)")
-    parser.add_argument("--held-out", type=int, default=16, help="held-out target images scored at the end")
+    parser.add_argument("--held-out", type=int, default=32, help="held-out target images scored at the end")
     parser.add_argument("--clicks", type=int, default=5, help="simulated clicks per accepted image")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -100,8 +107,13 @@ def main() -> int:
         with mock.patch("OAIMSSegment.site_session.carry_update", lambda newest, based_on, mine: mine):
             arms["last_writer_wins"] = accept_in_turns(model, root / "lww", train, 3, args)
     result = {"pretrained": held_out_dice(model, None, held_out, args.seed)}
+    pretrained = model.state_dict()
+    sequential = update_vector(arms["sequential"]["state"], pretrained)
     for name, arm in arms.items():
-        result[name] = {**held_out_dice(model, arm.pop("state"), held_out, args.seed), **arm}
+        update = update_vector(arm["state"], pretrained)
+        geometry = {"update_norm_ratio": float(update.norm() / sequential.norm()),
+                    "update_cosine": float(torch.nn.functional.cosine_similarity(update, sequential, dim=0))}
+        result[name] = {**held_out_dice(model, arm.pop("state"), held_out, args.seed), **geometry, **arm}
     result.update(model=DEMO_MODEL, images=args.images, held_out=args.held_out, clicks=args.clicks, seed=args.seed,
                   wall_s=round(time.perf_counter() - started, 1), python=platform.python_version(),
                   torch=torch.__version__, threads=torch.get_num_threads())
