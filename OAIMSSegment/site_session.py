@@ -8,7 +8,10 @@ Slicer Logic, ``evaluate --site-store`` and the tests do with a site:
 
 * :meth:`~SiteSession.accept`: post-interaction adaptation (``session.accept``) and, when the
   model changed, a new site version whose history line records the images behind it, the clicks,
-  the Dice before/after the update and ``based_on``, the version the update was computed on;
+  the Dice before/after the update and ``based_on``, the version the update was computed on.
+  When another workstation saved since, the update is carried onto the newest version
+  (:func:`~OAIMSSegment.site_merge.carry_update`, under the site lock) and the session continues
+  from the merged weights;
 * :meth:`~SiteSession.rollback`, :meth:`~SiteSession.reset`, :meth:`~SiteSession.export`,
   :meth:`~SiteSession.import_archive` and :meth:`~SiteSession.info`.
 
@@ -36,6 +39,7 @@ import numpy as np
 from OAIMSSegment.errors import OAIMSError, SessionStateError, StoreError
 from OAIMSSegment.model import ClickSegmenter
 from OAIMSSegment.session import AcceptResult, AdaptConfig, InteractiveSession
+from OAIMSSegment.site_merge import carry_update
 from OAIMSSegment.store import SiteModel, SiteModelStore
 
 __all__ = ["SiteSession", "SiteAccept", "SiteInfo", "IMAGES_KEY", "open_benchmark_site"]
@@ -58,6 +62,8 @@ class SiteAccept:
         version: its number (None when nothing was saved).
         images: accepted images behind the weights now in use (None: unknown).
         message: one line for the user, saying so when saving failed.
+        merged_onto: the newer version (saved by another workstation) that the update was carried
+            onto; None when the site had not moved on (or nothing was saved).
     """
 
     outcome: AcceptResult
@@ -66,6 +72,7 @@ class SiteAccept:
     version: int | None
     images: int | None
     message: str
+    merged_onto: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,8 @@ class SiteSession:
     Attributes:
         session: the :class:`InteractiveSession` (start, add_click, undo and discard go to it directly).
         site, store_folder: what is open.
-        version: the version the session's weights came from (loaded, or last saved by this session).
+        version: the version the session's weights came from (loaded, or last saved by this session):
+            the ``based_on`` of the next update.
         images: accepted images behind the session's weights (None: unknown).
         problem: why the site is not usable ("" when it is).
         saved: versions this session saved, oldest first.
@@ -134,12 +142,12 @@ class SiteSession:
         card = self.session.card
         self._site_model: SiteModel | None = None
         self.problem = ""
-        self.version, self.images = 0, 0
         try:
             site_model = SiteModelStore(self.store_folder).open(self.site, card.name, card.sha256)
             self._load(site_model)
         except StoreError as error:
             self.session.reset_weights()
+            self._settle(0, 0)
             self.problem = str(error)
             _LOG.warning("OAIMSSegment: site model not available, using the pretrained model: %s", error)
             return
@@ -148,7 +156,7 @@ class SiteSession:
     def _load(self, site_model: SiteModel) -> None:
         """Put the store's current version into the session (the pretrained weights at version 0)."""
         self.session.reset_weights()
-        self.version, self.images = 0, 0
+        self._settle(0, 0)
         state = site_model.load_current()
         if state is None:
             return
@@ -160,9 +168,19 @@ class SiteSession:
             raise StoreError(
                 f"version {version} of site {site_model.site!r} does not fit model {site_model.model_name!r}: {error}"
             ) from error
-        count = state.get(IMAGES_KEY)
-        known = isinstance(count, int) and not isinstance(count, bool)
-        self.version, self.images = version, count if known else _images_from_history(site_model, version)
+        self._settle(version, _images_of(state, site_model, version))
+
+    def _settle(self, version: int, images: int | None) -> None:
+        """The session's weights are now those of ``version``: remember them, as the ``based_on``
+        state that the next update is measured from."""
+        self.version, self.images = version, images
+        self._based_on_state = self.session.state_dict()
+        self._unsaved = 0  # accepted images in the weights that no saved version holds yet
+
+    def _probe(self) -> InteractiveSession:
+        """A spare session like this one, to check that a state loads without touching the weights in use."""
+        session = self.session
+        return InteractiveSession(copy.deepcopy(session.model), session.method, session.config)
 
     def _require_site(self) -> SiteModel:
         if self.session.active:
@@ -186,32 +204,58 @@ class SiteSession:
         ``outcomes`` were accepted; ``adapted`` says whether the weights changed while they were
         segmented (PI applied, or MI steps). Nothing is saved when they did not.
 
+        The update is the change since :attr:`version` (the weights loaded or last saved). Under the
+        site lock, if another workstation saved since, it is carried onto the newest loadable
+        version (:func:`~OAIMSSegment.site_merge.carry_update`), saved with ``based_on`` =
+        :attr:`version`, ``parent`` = that version and ``merged`` true, and the session goes on
+        from the merged weights. Call it with no image open.
+
         A save that fails (read-only or full store) keeps the adapted weights in use and says so in
-        the message; nothing raises for it.
+        the message; nothing raises for it. The next save then carries these images' updates too.
         """
         if not outcomes:
             raise SessionStateError("nothing was accepted")
-        session, outcome = self.session, outcomes[-1]
-        based_on = self.version
+        outcome = outcomes[-1]
         if not adapted:
             return SiteAccept(outcome, False, False, None, self.images, "the model did not change; no new site version")
         # The weights in use now hold these images' updates, whether or not they can be saved.
         self.images = (self.images or 0) + len(outcomes)
+        self._unsaved += len(outcomes)
         if self._site_model is None:
             message = f"the site model was NOT saved: {self.problem or 'no site is open'}"
             return SiteAccept(outcome, True, False, None, self.images, message)
-        info = _version_record(outcomes, session.method, self.images)
         try:
-            version = self._site_model.save_version({**session.state_dict(), IMAGES_KEY: self.images}, info,
-                                                    based_on=based_on)
+            version, merged_onto = self._commit(self._site_model, outcomes)
         except StoreError as error:
             message = f"the site model was NOT saved: {error}"
             _LOG.warning("OAIMSSegment: %s", message)
             return SiteAccept(outcome, True, False, None, self.images, message)
-        self.version = version
         self.saved.append(version)
-        return SiteAccept(outcome, True, True, version, self.images,
-                          f"site '{self.site}' is now at version {version} ({self.images} images)")
+        message = f"site '{self.site}' is now at version {version} ({self.images} images)"
+        if merged_onto is not None:
+            message += f"; this update was added to version {merged_onto}, saved meanwhile by another workstation"
+        return SiteAccept(outcome, True, True, version, self.images, message, merged_onto)
+
+    def _commit(self, site_model: SiteModel, outcomes: Sequence[AcceptResult]) -> tuple[int, int | None]:
+        """Save the session's update as one version, merged onto the newest one if the site moved on;
+        returns the new version and the version merged onto (None: no merge)."""
+        session = self.session
+        state, images, merged_onto = session.state_dict(), self.images, None
+        with site_model.transaction() as txn:
+            if txn.version != self.version:
+                newest = txn.load(self._probe().load_state_dict)
+                if newest.version != self.version:  # else the newer versions are unusable: ours stays newest
+                    merged_onto = newest.version
+                    onto = newest.state if newest.state is not None else {"model": session.pretrained}
+                    state = carry_update(onto, self._based_on_state, state)
+                    known = _images_of(newest.state, site_model, newest.version) if newest.state is not None else 0
+                    images = (known or 0) + self._unsaved
+            info = _version_record(outcomes, session.method, images)
+            version = txn.save({**state, IMAGES_KEY: images}, info, based_on=self.version, merged=merged_onto is not None)
+        if merged_onto is not None:
+            session.load_state_dict(state)
+        self._settle(version, images)
+        return version, merged_onto
 
     def start(self, image: np.ndarray, accept_mask: np.ndarray | None = None,
               settings: tuple | None = None) -> SiteAccept | None:
@@ -245,7 +289,7 @@ class SiteSession:
         """Back to the pretrained model (stored versions are kept: roll back to undo)."""
         self._require_site().reset()
         self.session.reset_weights()
-        self.version, self.images = 0, 0
+        self._settle(0, 0)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Write the site's current weights and history to one file (to share with another site)."""
@@ -258,9 +302,7 @@ class SiteSession:
         is committed. Returns the new version.
         """
         site_model = self._require_site()
-        session = self.session
-        probe = InteractiveSession(copy.deepcopy(session.model), session.method, session.config)
-        version = site_model.import_archive(path, check=probe.load_state_dict)
+        version = site_model.import_archive(path, check=self._probe().load_state_dict)
         self._load(site_model)
         return version
 
@@ -296,6 +338,14 @@ def _version_record(outcomes: Sequence[AcceptResult], method: str, images: int) 
         info["slices"] = len(outcomes)
     info.update(dice_before=mean([o.dice_before for o in outcomes]), dice_after=mean([o.dice_after for o in outcomes]))
     return info
+
+
+def _images_of(state: dict, site_model: SiteModel, version: int) -> int | None:
+    """Images behind ``version``, whose ``state`` was loaded: saved with its weights, else from the history."""
+    count = state.get(IMAGES_KEY)
+    known = isinstance(count, int) and not isinstance(count, bool)
+    return count if known else _images_from_history(site_model, version)
+
 
 def _images_from_history(site_model: SiteModel, version: int) -> int | None:
     """Images behind ``version`` from the history line that created it (sites saved before the count
