@@ -38,6 +38,7 @@ from slicer.util import VTKObservationMixin
 from OAIMSSegment import dependencies, mrml
 from OAIMSSegment.dependencies import MissingDependenciesError
 from OAIMSSegment.errors import OAIMSError, SessionStateError
+from OAIMSSegment.segment_session import SliceEdits
 
 #: Name of the site used until the user picks one.
 DEFAULT_SITE = "default"
@@ -81,12 +82,15 @@ class Job:
     shows it (main thread: writes MRML). Every prepared job is applied, in order."""
 
     kind: str
-    slice: Optional[mrml.SegmentedSlice]  # the slice it acts on (None: a discard with nothing open)
+    slice: Optional[mrml.SegmentedSlice]  # the slice a click or undo acts on
     label: int = 0
     location: Optional[mrml.SliceLocation] = None  # where a click is
-    newImage: bool = False  # a click that opens a new image (the open one is accepted or dropped first)
-    acceptMask: Optional[np.ndarray] = None  # the picked proposal that an accept adapts to
-    settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the image opens or closes
+    newImage: bool = False  # a click that makes its slice the open image (the one open stays as it is)
+    edits: Any = None  # the slice's SliceEdits (click, undo)
+    restoreSlice: bool = True  # an undo writes back what the slice held before the click
+    finals: dict = field(default_factory=dict)  # accept: {(axis, index): class map the slice holds}
+    slices: list = field(default_factory=list)  # discard: SegmentedSlices to restore
+    settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the segment opens or closes
     report: dict = field(default_factory=dict)
     mask: Optional[np.ndarray] = None  # the class map to show on the slice
     error: Optional[Exception] = None
@@ -122,9 +126,13 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.volumeNode = None  # the volume being segmented (None before startSegment)
         self.segmentationNode = None  # the segmentation being written
         self._classSegments: dict[int, str] = {}
-        self._open: Optional[mrml.SegmentedSlice] = None  # the image being segmented
-        self._clicks = 0  # clicks queued on it
+        self._worked: dict = {}  # {(axis, index): (SegmentedSlice, SliceEdits)}: the segment's slices
+        self._queued: dict = {}  # {(axis, index): clicks queued on it}
+        self._open: Optional[tuple] = None  # (axis, index) of the open image
         self._pending = 0  # jobs prepared and not yet applied
+        self._work = None  # SegmentWork on the site (worker side)
+        #: Called on the main thread just before a click writes its slice (the panel saves a Segment Editor undo state).
+        self.beforeWrite: Callable[[], None] = lambda: None
 
     # -- where things live, dependencies (OAIMSSegment/dependencies.py) ---------------------------
     @staticmethod
@@ -187,15 +195,17 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         from OAIMSSegment.model import load_model
         from OAIMSSegment.next_steps import NextSteps
         from OAIMSSegment.session import InteractiveSession
+        from OAIMSSegment.segment_session import SegmentWork
         from OAIMSSegment.site_session import SiteSession
 
         self._requireIdle()
-        self._closeImage()
+        self.abandonSegment()
         model = load_model(nameOrPath)
         self.adaptOverrides.pop("lr", None)
         self.modelName = str(nameOrPath)
         self._settingsChanged = True
         self._site = SiteSession(InteractiveSession(model, *self._takeSettings()), self.storeFolder, self.siteName)
+        self._work = SegmentWork(self._site)
         self._nextSteps = NextSteps(self.proposalModelName)
         self.activeClass = 1
         return model.card
@@ -214,7 +224,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def _reopenSite(self, **where: str) -> None:
         if self._site is not None:
             self._requireIdle()
-            self._closeImage()
+            self.abandonSegment()
             self._site.open(**where)
 
     def sites(self) -> list[str]:
@@ -239,7 +249,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         if clickLabel is not None:
             self.adaptOverrides["mi_click_label"] = bool(clickLabel)
         self._settingsChanged = True
-        if self._site is not None and self._open is None and not self._pending:
+        if self._site is not None and not self._worked and not self._pending:
             self._site.session.reconfigure(*self._takeSettings())
 
     def _takeSettings(self) -> Optional[tuple]:
@@ -288,8 +298,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def _siteAction(self, name: str, *args):
         self._requireSession()
         self._requireIdle()
-        if self._open is not None:
-            raise SessionStateError("accept or discard the current image first")
+        if self._worked:
+            raise SessionStateError("accept or discard the current segment first")
         return getattr(self._site, name)(*args)
 
     def resetSiteModel(self) -> dict:
@@ -315,60 +325,79 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def startSegment(self, volumeNode, segmentationNode, segmentId: Optional[str] = None) -> dict[int, str]:
         """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}``: one
         segment per foreground class, ``segmentId`` for class 1 if given, the others found by class name
-        or created. An image still open is accepted first (moving on means it is done). Raises
-        InvalidImageError when the volume does not fit the model."""
+        or created. Work on a segment that was not accepted is kept without adapting
+        (:meth:`abandonSegment`). Raises InvalidImageError when the volume does not fit the model."""
         session = self._requireSession()
         self._requireIdle()
         mrml.check_volume_for_model(volumeNode, session.card.image_channels, f"model '{session.card.name}'")
-        if self._clicks:
-            self.accept()
-        self._closeImage()
+        self.abandonSegment()
         mrml.prepare_segmentation(segmentationNode, volumeNode)
         classSegments = mrml.class_segments(segmentationNode, session.card.labels, segmentId)
         self.volumeNode, self.segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
         return dict(classSegments)
 
-    def _closeImage(self) -> None:
-        """Discard an open image (the model, site or segment changes under it)."""
-        if self._open is not None:
-            self.discard()
+    def abandonSegment(self) -> None:
+        """Keep the segment's slices as they are and revert its model updates: no PI, nothing saved
+        (another volume, segmentation or segment is chosen, a node is deleted, the scene closes)."""
+        if self._worked and self._site is not None:
+            self.discard(revertSlices=False)
+        self._worked, self._queued, self._open = {}, {}, None
+
+    def forgetNodes(self) -> None:
+        """:meth:`abandonSegment` and forget the volume and segmentation (the scene closes, a node is deleted)."""
+        self.abandonSegment()
+        self.volumeNode, self.segmentationNode, self._classSegments = None, None, {}
+
+    @property
+    def workedSlices(self) -> list:
+        """``(axis, index)`` of the segment's slices that hold clicks, in the order they were opened."""
+        return [key for key, clicks in self._queued.items() if clicks]
 
     # -- jobs: prepare (main thread) ------------------------------------------------------------
     def prepareClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                      label: Optional[int] = None) -> Job:
-        """Main thread: locate a click and, when it opens a new image (no image open, or another
-        slice), read that slice and what the segments hold there. See :meth:`addClick`."""
+        """Main thread: locate a click; on another slice than the open one, make that slice the open
+        image (read once per segment: its image and what its segments held). See :meth:`addClick`."""
         self._requireSession()
         if self.volumeNode is None:
             raise SessionStateError("choose a volume and segment first (startSegment)")
         location = mrml.locate_click(self.volumeNode, rasPoint, sliceOrientation)
-        job = Job("click", self._open, int(label) if label is not None else (self.activeClass if positive else 0), location)
-        if self._open is None or not location.same_slice(self._open.location):
-            job.slice = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
-            job.newImage, job.acceptMask, job.settings = True, self._nextSteps.picked, self._takeSettings()
-            self._open, self._clicks = job.slice, 0
-        self._clicks += 1
+        key = (location.axis, location.index)
+        job = Job("click", None, int(label) if label is not None else (self.activeClass if positive else 0), location)
+        if key != self._open:
+            if key not in self._worked:
+                read = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
+                self._worked[key], self._queued[key] = (read, SliceEdits(location.shape)), 0
+            job.newImage, job.settings = True, None if self.workedSlices else self._takeSettings()
+            self._open = key
+        job.slice, job.edits = self._worked[key]
+        self._queued[key] += 1
         return self._queue(job)
 
-    def prepareUndo(self) -> Job:
-        """Main thread: queue removing the last click (and its MI update)."""
-        if not self._clicks:
+    def prepareUndo(self, restoreSlice: bool = True) -> Job:
+        """Main thread: queue removing the open slice's last click (and its MI update). ``restoreSlice``
+        False leaves the slice to the caller (the panel restores it with the Segment Editor's undo)."""
+        if not self._queued.get(self._open):
             raise SessionStateError("there is no click to undo")
-        self._clicks -= 1
-        return self._queue(Job("undo", self._open))
+        self._queued[self._open] -= 1
+        slice_, edits = self._worked[self._open]
+        return self._queue(Job("undo", slice_, edits=edits, restoreSlice=restoreSlice))
 
     def prepareAccept(self) -> Job:
-        """Main thread: queue accepting the open image (PI, new site version)."""
-        if not self._clicks:
+        """Main thread: queue accepting the segment: PI once per worked slice on what it holds now, one site version."""
+        if not self.workedSlices:
             raise SessionStateError("nothing to accept: click in a slice first")
-        return self._close(Job("accept", self._open, acceptMask=self._nextSteps.picked, settings=self._takeSettings()))
+        finals = {key: self._worked[key][0].read_classes() for key in self.workedSlices}
+        return self._close(Job("accept", None, finals=finals, settings=self._takeSettings()))
 
-    def prepareDiscard(self) -> Job:
-        """Main thread: queue dropping the open image and every update it caused."""
-        return self._close(Job("discard", self._open, settings=self._takeSettings()))
+    def prepareDiscard(self, revertSlices: bool = False) -> Job:
+        """Main thread: queue dropping the segment's model updates; ``revertSlices`` also puts its slices
+        back as they were before their first click."""
+        slices = [self._worked[key][0] for key in self._worked] if revertSlices else []
+        return self._close(Job("discard", None, slices=slices, settings=self._takeSettings()))
 
     def _close(self, job: Job) -> Job:
-        self._open, self._clicks = None, 0
+        self._worked, self._queued, self._open = {}, {}, None
         return self._queue(job)
 
     def _queue(self, job: Job) -> Job:
@@ -380,73 +409,79 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     # -- jobs: compute (worker; the engine only, no MRML) -------------------------------------------
     def compute(self, job: Job) -> Job:
         """Worker: run ``job`` in the engine. An error is kept in ``job.error`` for :meth:`apply` to raise."""
-        site, session = self._site, self._site.session
+        work = self._work
         try:
             if job.kind == "click":
-                previous = site.start(job.slice.image, job.acceptMask, job.settings) if job.newImage else None
-                result, location = session.add_click(job.location.position, job.label), job.location
+                if job.newImage:
+                    work.open((job.location.axis, job.location.index), job.slice.image, job.settings)
+                result, location = work.click(job.location.position, job.label), job.location
                 job.mask, job.report = result.mask, {
                     "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
                     "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
-                    "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(session.clicks),
-                    "foregroundPixels": int((result.mask > 0).sum()), "previousImage": previous and self._acceptReport(previous),
-                }
+                    "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(self._site.session.clicks),
+                    "foregroundPixels": int((result.mask > 0).sum())}
             elif job.kind == "undo":
-                job.mask = session.undo()
-                job.report = {"clicks": len(session.clicks)}
+                work.undo()
+                job.report = {"clicks": len(self._site.session.clicks)}
             elif job.kind == "accept":
-                job.report = self._acceptReport(site.close(True, job.acceptMask, job.settings))
+                started = time.perf_counter()
+                job.report = work.accept(job.finals, job.settings).report((time.perf_counter() - started) * 1000.0)
             else:
-                site.close(False, settings=job.settings)
+                work.discard(job.settings)
+                job.report = {"discarded": True}
         except Exception as error:  # raised again on the main thread by apply()
             job.error = error
         return job
 
-    @staticmethod
-    def _acceptReport(accepted) -> dict:
-        outcome = accepted.outcome
-        return {"applied": outcome.applied, "reason": outcome.reason, "latencyMs": outcome.latency_ms,
-                "losses": dict(outcome.losses), "clicks": outcome.clicks, "saved": accepted.saved,
-                "version": accepted.version, "message": accepted.message}
-
     # -- jobs: apply (main thread) ------------------------------------------------------------------
     def apply(self, job: Job) -> dict:
-        """Main thread: show ``job``'s result on its slice and return its report, or raise the error
-        :meth:`compute` met (then, once no job is pending, what is open is read back from the session)."""
+        """Main thread: show ``job``'s result and return its report, or raise the error :meth:`compute`
+        met (then, once no job is pending, the open slice's click count is read back from the session)."""
         self._pending -= 1
         if job.error is not None:
-            if not self._pending:
-                active = self._site.session.active
-                self._open, self._clicks = (job.slice, len(self._site.session.clicks)) if active else (None, 0)
+            if not self._pending and self._open is not None:
+                session = self._site.session
+                self._queued[self._open] = len(session.clicks) if session.active else 0
+                if not session.active:
+                    self._open = None
             raise job.error
         self._removeProposalSegments()
-        if job.mask is not None:
-            job.slice.write(job.mask)
-        elif job.kind in ("undo", "discard") and job.slice is not None:
-            job.slice.restore()  # undo of the first click, or discard: the slice as it was
+        if job.kind == "click":
+            merged = job.edits.merge(job.mask, job.slice.read_classes(), job.location.position)
+            self.beforeWrite()
+            job.slice.write(merged)
+        elif job.kind == "undo":
+            content = job.edits.undo()
+            if job.restoreSlice:
+                job.slice.write(content)
+        for slice_ in job.slices:
+            slice_.restore()
         return job.report
 
     def addClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                  label: Optional[int] = None) -> dict:
         """Click at world RAS ``rasPoint`` in a view of ``sliceOrientation`` (``"Axial"``, ``"Coronal"``,
         ``"Sagittal"`` or the view's slice node): ``positive`` adds the active class, else background
-        (``label`` sets the class). A click on another slice opens a new image, accepting the previous
-        one. Returns latencyMs, adaptMs, loss, label, ijk, pixel, sliceAxis, sliceIndex, newImage,
-        clicks, foregroundPixels and previousImage (the accept report of the image it finished, or None)."""
+        (``label`` sets the class). Manual edits on the slice stay, except within
+        ``EDIT_OVERRIDE_RADIUS_PX`` of the click. A click on another slice keeps the previous slice as
+        it is (nothing is accepted or saved). Returns latencyMs, adaptMs, loss, label, ijk, pixel,
+        sliceAxis, sliceIndex, newImage, clicks (on this slice) and foregroundPixels (of the prediction)."""
         return self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
 
-    def undoClick(self) -> dict:
-        """Undo the last click and its MI update. Returns ``{"clicks": clicks left}``."""
-        return self.apply(self.compute(self.prepareUndo()))
+    def undoClick(self, restoreSlice: bool = True) -> dict:
+        """Undo the open slice's last click and its MI update; the slice gets back what it held just
+        before that click. Returns ``{"clicks": clicks left}``."""
+        return self.apply(self.compute(self.prepareUndo(restoreSlice)))
 
     def accept(self) -> dict:
-        """Accept the segment on the current slice: PI, and a new site version saved. Returns applied, reason,
-        latencyMs, losses, clicks, saved, version and a message for the user (saying so when saving failed)."""
+        """Accept the segment: PI once per slice with clicks, on what that slice holds now (paint and
+        erase included), and one new site version. Returns version, saved, message, latencyMs, clicks and
+        slices: ``[{"sliceIndex", "acceptedPixels", "applied", "reason"}, ...]``."""
         return self.apply(self.compute(self.prepareAccept()))
 
-    def discard(self) -> dict:
-        """Discard the current slice's clicks: the segment and the model go back to how they were."""
-        return self.apply(self.compute(self.prepareDiscard()))
+    def discard(self, revertSlices: bool = False) -> dict:
+        """Revert the segment's model updates; ``revertSlices`` also puts its slices back as they were."""
+        return self.apply(self.compute(self.prepareDiscard(revertSlices)))
 
     # -- proposals (OAIMSSegment/next_steps.py) -------------------------------------------------
     def setProposalModel(self, nameOrPath: str) -> None:
@@ -460,13 +495,13 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         segments. Returns their segment IDs; :meth:`pickProposal` makes one the current mask."""
         session = self._requireSession()
         self._requireIdle()
-        image = self._open.image if self._open is not None else None
+        image = self._worked[self._open][0].image if self._open is not None else None
         proposals = self._nextSteps.propose(session, image, self.activeClass, k, seed)
         self._removeProposalSegments()
         segmentIds = []
         for number, proposal in enumerate(proposals, start=1):
             segmentIds.append(mrml.ensure_segment(self.segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}"))
-            self._open.write(proposal.astype(np.uint8), {1: segmentIds[-1]})
+            self._worked[self._open][0].write(proposal.astype(np.uint8), {1: segmentIds[-1]})
         return segmentIds
 
     def pickProposal(self, index: int) -> dict:
@@ -475,7 +510,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self._requireIdle()
         mask = self._nextSteps.pick(session, index, self.activeClass)
         self._removeProposalSegments()
-        self._open.write(mask)
+        self._worked[self._open][0].write(mask)
         return {"foregroundPixels": int((mask > 0).sum())}
 
     def _removeProposalSegments(self) -> None:

@@ -348,19 +348,28 @@ def write_slice_mask(
     extent = location.extent
     # MODE_REPLACE is not usable here: on segments that share a labelmap layer it clears the
     # whole segment, and otherwise it can crop the labelmap to the modifier. Instead, as the
-    # Segment Editor's effects do: erase the slice (minimum with zeros, only this segment's
-    # voxels), then add the new mask (masking). Both are confined to the slice's extent; a
-    # segment that would overwrite another one on its layer is moved to a layer of its own.
-    eraser = _oriented_slice_image(segmentation_node, volume_node, location, None)
-    for segment_id in class_segments.values():
-        if not logic.SetBinaryLabelmapToSegment(eraser, segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent):
-            raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
+    # Segment Editor's effects do, only the pixels that change are touched: those to clear with
+    # a minimum against a slice that is 0 there and 1 elsewhere, those to set with masking. Both
+    # are confined to the slice's extent; a segment that would overwrite another one on its
+    # layer is moved to a layer of its own. Pixels that keep their value are never rewritten.
     for label, segment_id in class_segments.items():
-        if not (mask == label).any():
-            continue
-        modifier = _oriented_slice_image(segmentation_node, volume_node, location, mask == label)
-        if not logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent):
-            raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
+        wanted = mask == label
+        held = read_slice_mask(segmentation_node, segment_id, volume_node, location)
+        for mode, values in ((logic.MODE_MERGE_MIN, ~(held & ~wanted)), (logic.MODE_MERGE_MASK, wanted & ~held)):
+            if (mode == logic.MODE_MERGE_MIN and values.all()) or (mode == logic.MODE_MERGE_MASK and not values.any()):
+                continue
+            modifier = _oriented_slice_image(segmentation_node, volume_node, location, values)
+            if not logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, mode, extent):
+                raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
+
+
+def read_slice_classes(segmentation_node: "slicer.vtkMRMLSegmentationNode", volume_node: "slicer.vtkMRMLVolumeNode",
+                       location: SliceLocation, class_segments: Mapping[int, str]) -> np.ndarray:
+    """The class map ``(H, W)`` uint8 the class segments hold on the slice now (a higher class wins an overlap)."""
+    classes = np.zeros(location.shape, np.uint8)
+    for label, segment_id in sorted(class_segments.items()):
+        classes[read_slice_mask(segmentation_node, segment_id, volume_node, location)] = label
+    return classes
 
 
 @dataclass(frozen=True)
@@ -391,6 +400,10 @@ class SegmentedSlice:
     def write(self, mask: np.ndarray, class_segments: "Mapping[int, str] | None" = None) -> None:
         """:func:`write_slice_mask` on this slice (into ``class_segments``, default the class segments)."""
         write_slice_mask(self.segmentation_node, self.volume_node, self.location, mask, class_segments or self.class_segments)
+
+    def read_classes(self) -> np.ndarray:
+        """What the class segments hold on this slice now, as a class map ``(H, W)`` (paint and erase included)."""
+        return read_slice_classes(self.segmentation_node, self.volume_node, self.location, self.class_segments)
 
     def restore(self) -> None:
         """Put back what the class segments held on this slice when it was read."""

@@ -429,18 +429,23 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     with pytest.raises(SessionStateError):
         logic.undoClick()
 
-    # Coronal then sagittal clicks: each is a new image; moving on accepts the previous one.
-    for orientation, axis in (("Coronal", None), ("Sagittal", None)):
-        location = mrml.locate_click(volume, world_of(volume, centre, parent), orientation)
+    # Coronal then sagittal clicks: each is a new image of the segment; moving on saves nothing.
+    locations = []
+    for orientation in ("Coronal", "Sagittal"):
+        locations.append(mrml.locate_click(volume, world_of(volume, centre, parent), orientation))
         report = logic.addClick(world_of(volume, centre, parent), True, orientation)
         assert report["newImage"] and report["ijk"] == centre
-        assert report["sliceAxis"] == "IJK"[location.axis]
+        assert report["sliceAxis"] == "IJK"[locations[-1].axis]
         logic.addClick(world_of(volume, centre, parent), False, orientation)
-    assert report["previousImage"]["saved"], report["previousImage"]
+        assert logic.siteModelInfo()["version"] == 0
+    # Accept covers the segment: PI on both worked slices (the axial one has no clicks left), one version.
+    held = [int(mrml.read_slice_mask(segmentation, segment_id, volume, where).sum()) for where in locations]
     accepted = logic.accept()
-    assert accepted["saved"] and accepted["version"] == 2, accepted
+    assert accepted["saved"] and accepted["version"] == 1, accepted
+    assert [(row["sliceIndex"], row["acceptedPixels"]) for row in accepted["slices"]] == [
+        (where.index, pixels) for where, pixels in zip(locations, held)]
     info = logic.siteModelInfo()
-    assert (info["site"], info["version"], info["imagesAdapted"], info["versions"]) == ("hospital-a", 2, 2, [1, 2])
+    assert (info["site"], info["version"], info["imagesAdapted"], info["versions"]) == ("hospital-a", 1, 2, [1])
     adapted = {k: v.clone() for k, v in logic.session.model.state_dict().items()}
     assert any(not (adapted[k] == pretrained[k]).all() for k in pretrained)
     with pytest.raises(SessionStateError, match="nothing to accept"):
@@ -449,10 +454,11 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     # A new Logic on the same store resumes that version.
     resumed = module.OAIMSSegmentLogic(storeFolder=str(store))
     resumed.setModel(binary_model)
-    assert resumed.setSite("hospital-a")["version"] == 2
+    assert resumed.setSite("hospital-a")["version"] == 1
     assert all((resumed.session.model.state_dict()[k] == adapted[k]).all() for k in adapted)
 
     # Roll back, export, import, reset.
+    assert logic.rollbackSiteModel(0)["version"] == 0
     assert logic.rollbackSiteModel(1)["version"] == 1
     archive = logic.exportSiteModel(str(tmp_path / "hospital-a.oaims.zip"))
     logic.setSite("hospital-b")
@@ -475,7 +481,8 @@ def test_discard_restores_the_slice_and_the_weights(module, scene, binary_model,
     before = export_segment(scene, segmentation, segment_id, volume)
     for ijk, positive in (((28, 32, 20), True), ((10, 10, 20), False), ((30, 30, 20), True)):
         logic.addClick(world_of(volume, ijk), positive, "Axial")
-    logic.discard()
+    logic.addClick(world_of(volume, (28, 32, 12)), True, "Axial")  # a second slice of the segment
+    logic.discard(revertSlices=True)
     np.testing.assert_array_equal(export_segment(scene, segmentation, segment_id, volume), before)
     assert all((logic.session.model.state_dict()[k] == weights[k]).all() for k in weights)
     assert logic.siteModelInfo()["version"] == 0
@@ -496,7 +503,7 @@ def test_two_clicks_queued_on_a_fresh_slice_segment_one_image(module, scene, bin
     computed = [logic.compute(job) for job in jobs]
     reports = [logic.apply(job) for job in computed]
     assert [r["newImage"] for r in reports] == [True, False]
-    assert [r["clicks"] for r in reports] == [1, 2] and reports[1]["previousImage"] is None
+    assert [r["clicks"] for r in reports] == [1, 2]
     assert [(c.position, c.label) for c in logic.session.clicks] == [((32, 28), 1), ((5, 6), 0)]
     assert logic.siteModelInfo()["version"] == 0
     expected = engine_replay(binary_model, initial_state, ball_volume()[20][np.newaxis], [((32, 28), 1), ((5, 6), 0)])
@@ -528,7 +535,7 @@ def test_a_failed_job_leaves_what_is_open_matching_the_session(module, scene, bi
     with pytest.raises(SessionStateError, match="no click to undo"):
         logic.undoClick()
     report = logic.addClick(world_of(volume, (28, 32, 20)), True, "Axial")
-    assert report["newImage"] and report["clicks"] == 1 and report["previousImage"] is None
+    assert report["newImage"] and report["clicks"] == 1
 
 
 def test_unwritable_store_keeps_segmenting_and_says_the_model_was_not_saved(module, scene, binary_model, tmp_path):
