@@ -349,6 +349,11 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.volumeNode, self.segmentationNode, self._classSegments = None, None, {}
 
     @property
+    def segmentId(self) -> Optional[str]:
+        """The segment being drawn (class 1's), None before :meth:`startSegment`."""
+        return self._classSegments.get(1)
+
+    @property
     def workedSlices(self) -> list:
         """``(axis, index)`` of the segment's slices that hold clicks, in the order they were opened."""
         return [key for key, clicks in self._queued.items() if clicks]

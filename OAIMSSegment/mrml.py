@@ -39,6 +39,10 @@ ORIENTATION_NORMALS: dict[str, tuple[float, float, float]] = {
     "Sagittal": (1.0, 0.0, 0.0),
 }
 
+#: A view whose normal is more than this many degrees from every voxel axis is refused (an oblique
+#: reformat would be written into the nearest voxel plane, not where the clinician sees it).
+MAX_OFF_PLANE_DEGREES = 10.0
+
 #: What a caller may pass as a slice orientation: a name above or the slice node of the view.
 Orientation = Union[str, "slicer.vtkMRMLSliceNode"]
 
@@ -139,6 +143,29 @@ def slice_axis(volume_node: "slicer.vtkMRMLVolumeNode", orientation: Orientation
     return int(np.argmax(np.abs(view_normal(orientation) @ directions)))
 
 
+def off_plane_degrees(volume_node: "slicer.vtkMRMLVolumeNode", orientation: Orientation) -> float:
+    """Angle (degrees) between the view normal and the closest voxel axis of the volume (as Slicer's
+    ``qMRMLSegmentEditorWidget::updateSliceRotateWarningButtonVisibility`` compares slice and IJK axes)."""
+    directions = ijk_to_world(volume_node)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)
+    cosine = float(np.max(np.abs(view_normal(orientation) @ directions)))
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+def observe_scene(scene: "slicer.vtkMRMLScene", on_close, on_node_removed):
+    """Call ``on_close()`` when the scene starts closing and ``on_node_removed(node)`` before a node is
+    deleted outside a close; returns a function that removes both observers."""
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def removed(caller, event, node=None):
+        if not caller.IsClosing():  # a close is handled once, by on_close
+            on_node_removed(node)
+
+    tags = [scene.AddObserver(scene.StartCloseEvent, lambda caller, event: on_close()),
+            scene.AddObserver(scene.NodeAboutToBeRemovedEvent, removed)]
+    return lambda: [scene.RemoveObserver(tag) for tag in tags]
+
+
 def volume_dimensions(volume_node: "slicer.vtkMRMLVolumeNode") -> tuple[int, int, int]:
     """``(I, J, K)`` voxel counts of the volume."""
     image = volume_node.GetImageData()
@@ -160,6 +187,14 @@ def locate_click(volume_node: "slicer.vtkMRMLVolumeNode", ras: "np.ndarray | lis
             f"'{volume_node.GetName()}' (voxel {ijk}, size {dims})"
         )
     axis = slice_axis(volume_node, orientation)
+    if not isinstance(orientation, str):
+        angle = off_plane_degrees(volume_node, orientation)
+        if angle > MAX_OFF_PLANE_DEGREES:
+            raise InvalidClickError(
+                f"this view is {angle:.0f} degrees off the voxel planes of '{volume_node.GetName()}' "
+                f"(at most {MAX_OFF_PLANE_DEGREES:.0f} allowed); align the view with the volume "
+                "(slice view menu: 'Rotate to volume plane') and click again"
+            )
     rows_axis, cols_axis = _in_plane_axes(axis)
     return SliceLocation(
         axis=axis,

@@ -1,0 +1,213 @@
+"""What the Slicer panel does, without Qt: the Widget only connects signals to a :class:`PanelController`.
+
+The controller runs every action of the Logic through a :class:`~OAIMSSegment.runner.JobRunner`
+(the model work on the worker, the main thread pumping events; actions that arrive meanwhile wait
+and run in order), decides what is enabled, keeps the undo bookkeeping (markers, Segment Editor
+undo states), commits the site and store fields only when the user commits them, makes a new
+volume, segmentation or segment take effect at once, and reacts to the scene closing or a node
+being deleted. It is tested on real MRML (``Testing/Python/test_slicer_segment.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+from OAIMSSegment.errors import OAIMSError
+
+__all__ = ["PanelController", "UndoStates", "Marker", "FieldCommit"]
+
+
+class UndoStates:
+    """Segment Editor undo states (the Widget passes its embedded ``qMRMLSegmentEditorWidget``'s):
+    ``save()`` = ``saveStateForUndo()``, ``undo()`` = ``undo()``, ``stamp()`` = a number that changes
+    whenever the segment's labelmap changes (its MTime). Without an editor (scripting) nothing is done."""
+
+    def save(self) -> None:
+        pass
+
+    def undo(self) -> None:
+        pass
+
+    def stamp(self) -> int:
+        return 0
+
+    @property
+    def active(self) -> bool:
+        return False
+
+
+@dataclass
+class Marker:
+    """The markups control point of one click: ``remove()`` takes it off its point list."""
+
+    remove: Callable[[], None]
+
+
+class FieldCommit:
+    """A text field that acts only on commit (Enter, focus out, a pick from the list), once per new value."""
+
+    def __init__(self, action: Callable[[str], Any], value: str = "") -> None:
+        self._action, self.value = action, value
+
+    def commit(self, text: str) -> bool:
+        """Run the action with ``text`` if it is not empty and differs from the last committed value."""
+        text = (text or "").strip()
+        if not text or text == self.value:
+            return False
+        self._action(text)
+        self.value = text
+        return True
+
+
+class PanelController:
+    """The panel's behaviour on an :class:`OAIMSSegmentLogic`.
+
+    Args:
+        logic: the module's Logic.
+        runner: the JobRunner (its pump processes the event loop's non-input events).
+        undo_states: the Segment Editor's undo states (default: none).
+        report: shows a one-line status or error.
+    """
+
+    def __init__(self, logic, runner, undo_states: Optional[UndoStates] = None,
+                 report: Callable[[str], None] = lambda text: None) -> None:
+        self.logic, self.runner, self.report = logic, runner, report
+        self.undoStates = undo_states or UndoStates()
+        logic.beforeWrite = self.undoStates.save
+        self.markers: List[Optional[Marker]] = []  # one per click on the open slice, in order
+        self._written: List[int] = []  # undoStates.stamp() just after each click was written
+        self.site = FieldCommit(self._setSite, logic.siteName)
+        self.store = FieldCommit(self._setStore, logic.storeFolder)
+        self.last: dict = {}
+
+    # -- what is enabled ---------------------------------------------------------------------
+    def enabled(self) -> dict:
+        """``{control: enabled}``: nothing that changes the session while a job runs."""
+        idle = not self.runner.busy
+        ready = idle and self.logic.card is not None
+        worked = bool(self.logic.workedSlices)
+        return {"place": ready, "inputs": idle, "site": idle and not worked, "undo": ready and bool(self.markers),
+                "accept": ready and worked, "discard": ready and worked, "model": idle}
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def selectInputs(self, volume, segmentation, segmentId: Optional[str]) -> bool:
+        """Use these inputs now (a new segment, volume or segmentation takes effect at once; the
+        segment left is kept without adapting). True when they changed."""
+        logic = self.logic
+        if logic.card is None or volume is None or segmentation is None:
+            return False
+        if (logic.volumeNode, logic.segmentationNode) == (volume, segmentation) and segmentId in (None, "", logic.segmentId):
+            return False
+        self._run(lambda: logic.startSegment(volume, segmentation, segmentId or None))
+        self.markers, self._written = [], []
+        return True
+
+    # -- actions (each through the runner: deferred while a job runs) ---------------------------
+    def click(self, ras, positive: bool, orientation, marker: Optional[Marker] = None) -> None:
+        """A point placed at world ``ras`` in a view of ``orientation``; its ``marker`` is removed if refused."""
+        def action():
+            try:
+                job = self.logic.prepareClick(ras, positive, orientation)
+            except OAIMSError as error:
+                if marker is not None:
+                    marker.remove()
+                self.report(str(error))
+                return
+            if job.newImage:
+                self.markers, self._written = [], []
+            self.markers.append(marker)
+            if self._finish(job):
+                self._written.append(self.undoStates.stamp())
+        self.runner.request(action)
+
+    def undo(self) -> None:
+        """Ctrl+Z: a paint stroke made after the last click is undone alone (the editor's state);
+        else the last click, its MI update and its write together, and its marker goes."""
+        def action():
+            states = self.undoStates
+            if states.active and self._written and states.stamp() != self._written[-1]:
+                states.undo()  # the top undo state is the clinician's edit, not our click
+                self._written[-1] = states.stamp()
+                return
+            if not self.markers:
+                self.report("there is no click to undo")
+                return
+            try:
+                job = self.logic.prepareUndo(restoreSlice=not states.active)
+            except OAIMSError as error:
+                self.report(str(error))
+                return
+            marker = self.markers.pop()
+            self._written[-1:] = []
+            if self._finish(job) and states.active:
+                states.undo()
+            if marker is not None:
+                marker.remove()
+        self.runner.request(action)
+
+    def accept(self) -> None:
+        """Accept the segment (PI per worked slice, one site version); ``last`` holds the report."""
+        self.runner.request(lambda: self._close(self.logic.prepareAccept))
+
+    def discard(self, revertSlices: bool = False) -> None:
+        """Drop the segment's model updates (and, if asked, its slices' content)."""
+        self.runner.request(lambda: self._close(lambda: self.logic.prepareDiscard(revertSlices)))
+
+    def _close(self, prepare: Callable) -> None:
+        try:
+            job = prepare()
+        except OAIMSError as error:
+            self.report(str(error))
+            return
+        if self._finish(job):
+            for marker in self.markers:
+                if marker is not None:
+                    marker.remove()
+            self.markers, self._written = [], []
+
+    def _finish(self, job) -> bool:
+        """Compute ``job`` on the worker, apply it here; report its error. True if it succeeded."""
+        try:
+            self.last = self.logic.apply(self.runner.run(lambda: self.logic.compute(job)))
+        except OAIMSError as error:
+            self.last = {}
+            self.report(str(error))
+            return False
+        self.report(self._describe(job.kind, self.last))
+        return True
+
+    @staticmethod
+    def _describe(kind: str, report: dict) -> str:
+        if kind == "click":
+            return (f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), {report['clicks']} click(s) "
+                    f"on slice {report['sliceAxis']}={report['sliceIndex']}")
+        if kind == "accept":
+            return f"Accepted {len(report['slices'])} slice(s) ({report['latencyMs']:.0f} ms): {report['message']}"
+        return "Discarded" if kind == "discard" else f"Undone: {report.get('clicks', 0)} click(s) left"
+
+    def _run(self, action: Callable[[], Any]) -> bool:
+        try:
+            action()
+            return True
+        except OAIMSError as error:
+            self.report(str(error))
+            return False
+
+    # -- fields -----------------------------------------------------------------------------------
+    def _setSite(self, name: str) -> None:
+        self._run(lambda: self.logic.setSite(name))
+
+    def _setStore(self, path: str) -> None:
+        self._run(lambda: self.logic.setStoreFolder(path))
+
+    # -- scene ------------------------------------------------------------------------------------
+    def sceneClosing(self) -> None:
+        """The scene starts closing: keep the segment without adapting, forget nodes and markers."""
+        self.logic.forgetNodes()
+        self.markers, self._written = [], []
+
+    def nodeRemoved(self, node) -> None:
+        """A node is about to be deleted: if it is the volume or segmentation in use, as :meth:`sceneClosing`."""
+        if node is not None and node in (self.logic.volumeNode, self.logic.segmentationNode):
+            self.sceneClosing()
