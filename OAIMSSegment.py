@@ -21,11 +21,8 @@ import os
 __path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "OAIMSSegment")]
 
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-import ctk
 import numpy as np
 import qt
 import slicer
@@ -38,6 +35,8 @@ from slicer.util import VTKObservationMixin
 from OAIMSSegment import dependencies, mrml
 from OAIMSSegment.dependencies import MissingDependenciesError
 from OAIMSSegment.errors import OAIMSError, SessionStateError
+from OAIMSSegment.module_state import EditorUndo, Job, Marker, PanelController, compute_job
+from OAIMSSegment.runner import JobRunner
 from OAIMSSegment.segment_session import SliceEdits
 
 #: Name of the site used until the user picks one.
@@ -72,28 +71,6 @@ class OAIMSSegment(ScriptedLoadableModule):
             "(OAIMS). Next-step proposals: H. E. Wong, J. V. Guttag, A. V. Dalca, 'Probabilistic Interactive "
             "Segmentation for Medical Images'."
         )
-
-
-@dataclass
-class Job:
-    """One action (``kind``: click, undo, accept or discard) in three phases: ``prepare*`` makes it
-    (main thread: reads MRML, updates what is open), :meth:`OAIMSSegmentLogic.compute` runs it in the
-    engine (worker: fills ``report`` and ``mask``, or ``error``), :meth:`OAIMSSegmentLogic.apply`
-    shows it (main thread: writes MRML). Every prepared job is applied, in order."""
-
-    kind: str
-    slice: Optional[mrml.SegmentedSlice]  # the slice a click or undo acts on
-    label: int = 0
-    location: Optional[mrml.SliceLocation] = None  # where a click is
-    newImage: bool = False  # a click that makes its slice the open image (the one open stays as it is)
-    edits: Any = None  # the slice's SliceEdits (click, undo)
-    restoreSlice: bool = True  # an undo writes back what the slice held before the click
-    finals: dict = field(default_factory=dict)  # accept: {(axis, index): class map the slice holds}
-    slices: list = field(default_factory=list)  # discard: SegmentedSlices to restore
-    settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the segment opens or closes
-    report: dict = field(default_factory=dict)
-    mask: Optional[np.ndarray] = None  # the class map to show on the slice
-    error: Optional[Exception] = None
 
 
 class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
@@ -171,11 +148,9 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -- model, site, settings ----------------------------------------------------------------
     @staticmethod
-    def availableModels() -> list:
-        """Cards of the shipped models (``Resources/Models``)."""
-        from OAIMSSegment.model import list_models
-
-        return list_models()
+    def availableModels() -> list[dict]:
+        """Cards (JSON dicts: ``name``, ``task``, ``image_channels``, ``labels``...) of the shipped models; no torch needed."""
+        return dependencies.model_cards()
 
     @property
     def session(self):
@@ -414,29 +389,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     # -- jobs: compute (worker; the engine only, no MRML) -------------------------------------------
     def compute(self, job: Job) -> Job:
         """Worker: run ``job`` in the engine. An error is kept in ``job.error`` for :meth:`apply` to raise."""
-        work = self._work
-        try:
-            if job.kind == "click":
-                if job.newImage:
-                    work.open((job.location.axis, job.location.index), job.slice.image, job.settings)
-                result, location = work.click(job.location.position, job.label), job.location
-                job.mask, job.report = result.mask, {
-                    "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
-                    "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
-                    "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(self._site.session.clicks),
-                    "foregroundPixels": int((result.mask > 0).sum())}
-            elif job.kind == "undo":
-                work.undo()
-                job.report = {"clicks": len(self._site.session.clicks)}
-            elif job.kind == "accept":
-                started = time.perf_counter()
-                job.report = work.accept(job.finals, job.settings).report((time.perf_counter() - started) * 1000.0)
-            else:
-                work.discard(job.settings)
-                job.report = {"discarded": True}
-        except Exception as error:  # raised again on the main thread by apply()
-            job.error = error
-        return job
+        return compute_job(self._work, job)
 
     # -- jobs: apply (main thread) ------------------------------------------------------------------
     def apply(self, job: Job) -> dict:
@@ -524,54 +477,55 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt front end: forwards user actions to the Logic; each action's compute phase runs on one worker thread."""
-
-    #: Show the busy indicator only when work takes longer than this (seconds).
-    BUSY_DELAY_S = 1.0
+    """Qt glue only: the panel's behaviour is :class:`OAIMSSegment.module_state.PanelController`."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._executor = None
-        self._jobs: list = []  # (future of Logic.compute, started) in submission order
+        self.logic = self.controller = None
         self._pointLists: dict[bool, Any] = {}
-        self._placed: list = []  # (point list, control point index) per click, for undo
+        self._shortcuts: list = []
+        self._stopObserving: Callable[[], Any] = lambda: None
 
     def setup(self) -> None:
-        import concurrent.futures
-
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/OAIMSSegment.ui"))
         self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.ui = ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = OAIMSSegmentLogic(storeFolder=qt.QSettings().value("OAIMSSegment/StoreFolder") or None)
-        # One persistent worker: the engine's session is not thread-safe and clicks must run in order.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="OAIMSSegment")
-        self._timer = qt.QTimer()
-        self._timer.setInterval(50)
-        self._timer.connect("timeout()", self._poll)
-
-        self.ui.storeFolderPathLineEdit.currentPath = self.logic.storeFolder
-        self.ui.siteComboBox.addItem(DEFAULT_SITE)
-        self.ui.advancedCollapsibleButton.collapsed = True
-        self.ui.busyProgressBar.visible = False
-
-        ui = self.ui
+        settings = qt.QSettings()
+        self.logic = OAIMSSegmentLogic(storeFolder=settings.value("OAIMSSegment/StoreFolder") or None)
+        # Segment Editor beside the tool (paint, erase, smoothing), on the singleton node so that
+        # selections carry over to the Segment Editor module; its undo is ours (Ctrl+Z, Undo).
+        self.editor = slicer.qMRMLSegmentEditorWidget()
+        self.editor.setMaximumNumberOfUndoStates(10)
+        self.editor.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
+        self.editor.setMRMLScene(slicer.mrmlScene)
+        self.editor.setUndoEnabled(False)
+        for widget in (ui.inputVolumeSelector, ui.segmentSelectorWidget, ui.inputsLabel0, ui.inputsLabel1):
+            widget.visible = False
+        newSegmentation = qt.QPushButton("New segmentation")
+        ui.inputsCollapsibleButton.layout().addRow(newSegmentation)
+        ui.inputsCollapsibleButton.layout().addRow(self.editor)
+        pump = lambda: slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)  # noqa: E731
+        self.controller = PanelController(self.logic, JobRunner(pump), EditorUndo(self.editor, lambda: mrml.segment_stamp(
+            self.logic.segmentationNode, self.logic.segmentId)), self._status)
+        ui.siteComboBox.editable, ui.siteComboBox.insertPolicy = True, qt.QComboBox.NoInsert
+        ui.storeFolderPathLineEdit.currentPath = self.logic.storeFolder
+        ui.advancedCollapsibleButton.collapsed, ui.busyProgressBar.visible = True, False
+        storeEdit = slicer.util.findChildren(ui.storeFolderPathLineEdit, className="QLineEdit")[0]
         for widget, signal, slot in (
             (ui.modelComboBox, "currentIndexChanged(int)", self.onModelChanged),
-            (ui.siteComboBox, "currentTextChanged(QString)", self.onSiteChanged),
-            (ui.storeFolderPathLineEdit, "currentPathChanged(QString)", self.onStoreFolderChanged),
-            (ui.inputVolumeSelector, "currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged),
-            (ui.segmentSelectorWidget, "currentSegmentChanged(QString)", self.onInputsChanged),
+            (ui.siteComboBox, "activated(int)", lambda index: self._commitSite()),
+            (ui.siteComboBox.lineEdit(), "editingFinished()", self._commitSite),
+            (storeEdit, "editingFinished()", self._commitStore),
+            (newSegmentation, "clicked(bool)", self.onNewSegmentation),
             (ui.classComboBox, "currentIndexChanged(int)", self.onClassChanged),
             *((box, "toggled(bool)", self.onAdaptationChanged) for box in (ui.miCheckBox, ui.piCheckBox, ui.clickLabelCheckBox)),
             *((box, "valueChanged(double)", self.onAdaptationChanged) for box in (ui.sigmaSpinBox, ui.betaSpinBox, ui.lrSpinBox)),
-            (ui.undoButton, "clicked(bool)", lambda: self._queue(self.logic.prepareUndo, self._unplaceLast)),
-            (ui.acceptButton, "clicked(bool)", lambda: self._queue(self.logic.prepareAccept)),
-            (ui.discardButton, "clicked(bool)", lambda: self._queue(self.logic.prepareDiscard, self._clearPoints)),
+            (ui.undoButton, "clicked(bool)", lambda: self._do(self.controller.undo)),
+            (ui.acceptButton, "clicked(bool)", self.onAccept),
+            (ui.discardButton, "clicked(bool)", self.onDiscard),
             (ui.resetSiteButton, "clicked(bool)", self.onResetSite),
             (ui.rollbackButton, "clicked(bool)", lambda: self._runNow(self.logic.rollbackSiteModel, int(ui.rollbackSpinBox.value))),
             (ui.exportButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getSaveFileName, "Export", self.logic.exportSiteModel)),
@@ -580,132 +534,142 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (ui.pickProposalButton, "clicked(bool)", lambda: self._runNow(self.logic.pickProposal, int(ui.proposalIndexSpinBox.value) - 1)),
         ):
             widget.connect(signal, slot)
+        for key, action in (("f", lambda: self._place(True)), ("b", lambda: self._place(False)), ("Ctrl+Z", ui.undoButton.click),
+                            ("Ctrl+Return", self.onAccept), ("Ctrl+Backspace", self.onDiscard)):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.enabled = False  # live only while the module is entered
+            shortcut.connect("activated()", action)
+            self._shortcuts.append(shortcut)
+        self.addObserver(mrml.segment_editor_node(slicer.mrmlScene), vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
+        self._stopObserving = mrml.observe_scene(slicer.mrmlScene, self._onSceneClose, self.controller.nodeRemoved)
         self._listModels()
-        self._updateSiteInfo()
+        self._listSites(settings.value("OAIMSSegment/Site") or DEFAULT_SITE)
+        self._commitSite()
 
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        self._stopObserving()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+
+    def enter(self) -> None:
+        self._pointList(True), self._pointList(False)
+        for shortcut in self._shortcuts:
+            shortcut.enabled = True
+        if self.editor.sourceVolumeNode() is None:
+            composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+            self.editor.setSourceVolumeNodeID(composite.GetBackgroundVolumeID())
+        self._refresh()
+
+    def exit(self) -> None:
+        for widget in (self.ui.foregroundPlaceWidget, self.ui.backgroundPlaceWidget):
+            widget.setPlaceModeEnabled(False)
+        for shortcut in self._shortcuts:
+            shortcut.enabled = False
+
+    def _onSceneClose(self) -> None:
+        self.exit()
+        self.controller.sceneClosing()
 
     def _pointList(self, positive: bool):
         """The markups point list of foreground (``positive``) or background clicks, created on demand."""
         node = self._pointLists.get(positive)
         if node is None or node.GetScene() is None:
-            node = mrml.click_point_list(slicer.mrmlScene, positive)
-            self.addObserver(node, node.PointPositionDefinedEvent, lambda caller, event, p=positive: self.onPointPlaced(p))
-            self._pointLists[positive] = node
+            node = self._pointLists[positive] = mrml.click_point_list(slicer.mrmlScene, positive)
+            self.addObserver(node, node.PointPositionDefinedEvent, self.onPointDefined)
             widget = self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget
             widget.setMRMLScene(slicer.mrmlScene)
             widget.setCurrentNode(node)
             widget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         return node
 
-    def enter(self) -> None:
-        self._pointList(True)
-        self._pointList(False)
+    def _place(self, positive: bool) -> None:
+        self._pointList(positive)
+        (self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget).setPlaceModeEnabled(True)
 
-    def onPointPlaced(self, positive: bool) -> None:
-        node = self._pointLists[positive]
-        index = node.GetNumberOfControlPoints() - 1
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPointDefined(self, node, event, index=None) -> None:
+        index = node.GetNumberOfControlPoints() - 1 if index is None else index  # None: a batched event
+        node.SetNthControlPointLocked(index, True)
         ras, sliceNode = mrml.placed_point(slicer.mrmlScene, node, index)
-        try:
-            self._ensureSegmentStarted()
-            job = self.logic.prepareClick(ras, positive, sliceNode or "Axial")
-        except OAIMSError as error:
-            node.RemoveNthControlPoint(index)
-            self._showError(error)
-            return
-        self._placed.append((node, index))
-        self._submit(job)
+        pointId = node.GetNthControlPointID(index)
+        marker = Marker(lambda: node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(pointId)))
+        self._do(lambda: self.controller.click(ras, node is self._pointLists.get(True), sliceNode or "Axial", marker))
 
-    def _ensureSegmentStarted(self) -> None:
-        volume = self.ui.inputVolumeSelector.currentNode()
-        segmentation = self.ui.segmentSelectorWidget.currentNode()
-        if self.logic.card is None or volume is None or segmentation is None:
-            raise OAIMSError("Choose a model, an input volume and a segmentation first.")
-        if self.logic.volumeNode is not volume or self.logic.segmentationNode is not segmentation:
-            self.logic.startSegment(volume, segmentation, self.ui.segmentSelectorWidget.currentSegmentID() or None)
+    def onEditorNodeModified(self, *_: Any) -> None:
+        node = self.editor.mrmlSegmentEditorNode()
+        self._do(lambda: self.controller.selectInputs(node.GetSourceVolumeNode(), node.GetSegmentationNode(), node.GetSelectedSegmentID()))
 
-    def _unplaceLast(self) -> None:
-        if self._placed:
-            node, index = self._placed.pop()
-            if index < node.GetNumberOfControlPoints():
-                node.RemoveNthControlPoint(index)
+    def onNewSegmentation(self) -> None:
+        volume = self.editor.sourceVolumeNode()
+        if volume is None:
+            return self._status("Choose the volume to segment first (Source volume).")
+        name = next((n for n, i in sorted(self.logic.card.labels.items(), key=lambda kv: kv[1]) if i), "Segment") if self.logic.card else "Segment"
+        segmentation, segmentId = mrml.new_segmentation(slicer.mrmlScene, volume, name)
+        self.editor.setSegmentationNode(segmentation)
+        self.editor.setCurrentSegmentID(segmentId)
 
-    def _clearPoints(self) -> None:
-        for node in self._pointLists.values():
-            node.RemoveAllControlPoints()
-        self._placed.clear()
+    def onAccept(self) -> None:
+        self._do(self.controller.accept)
+        last = self.controller.last
+        if last.get("slices") and not last["saved"] and any(row["applied"] for row in last["slices"]):
+            slicer.util.warningDisplay(last["message"], windowTitle="OAIMS Segment")
 
-    def _queue(self, prepare: Callable[[], Job], then: Optional[Callable[[], None]] = None) -> None:
-        """Prepare a job on the main thread (refused with a message if it does not fit) and submit it."""
-        try:
-            job = prepare()
-        except OAIMSError as error:
-            self._showError(error)
-            return
-        if then is not None:
-            then()
-        self._submit(job)
+    def onDiscard(self) -> None:
+        if self.logic.workedSlices:
+            revert = slicer.util.confirmYesNoDisplay("Discard this segment's model updates. Also erase what the clicks drew on its slices?")
+            self._do(lambda: self.controller.discard(revertSlices=bool(revert)))
 
-    def _submit(self, job: Job) -> None:
-        """Run ``logic.compute(job)`` on the worker; :meth:`_poll` applies it on the main thread (MRML)."""
-        self._jobs.append((self._executor.submit(self.logic.compute, job), time.monotonic()))
-        self._setButtonsEnabled(False)
-        self._timer.start()
+    def _do(self, action: Callable[[], Any]) -> None:
+        action()
+        self._refresh()
 
-    def _poll(self) -> None:
-        while self._jobs and self._jobs[0][0].done():
-            job = self._jobs.pop(0)[0].result()
-            try:
-                self._show(job, self.logic.apply(job))
-            except Exception as error:  # shown to the user; the Logic's state is consistent
-                self._showError(error)
-        self.ui.busyProgressBar.visible = bool(self._jobs) and time.monotonic() - self._jobs[0][1] > self.BUSY_DELAY_S
-        if not self._jobs:
-            self._timer.stop()
-            self._setButtonsEnabled(True)
-            self._updateSiteInfo()
-
-    def _setButtonsEnabled(self, enabled: bool) -> None:
-        for button in (self.ui.undoButton, self.ui.acceptButton, self.ui.discardButton, self.ui.proposeButton,
-                       self.ui.pickProposalButton, self.ui.siteCollapsibleButton, self.ui.modelComboBox):
-            button.enabled = enabled
-
-    def _show(self, job: Job, report: dict) -> None:
-        if job.kind == "click":
-            self.ui.latencyLabel.text = (
-                f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), "
-                f"{report['clicks']} click(s) on slice {report['sliceAxis']}={report['sliceIndex']}"
-            )
-            if report["previousImage"]:
-                self.ui.statusLabel.text = f"Previous slice accepted: {report['previousImage']['message']}"
-        elif job.kind == "accept":
-            self._clearPoints()
-            self.ui.statusLabel.text = f"Accepted ({report['latencyMs']:.0f} ms): {report['message']}"
-            if not report["saved"] and report["applied"]:
-                slicer.util.warningDisplay(report["message"], windowTitle="OAIMS Segment")
-
-    def _showError(self, error: Union[Exception, str]) -> None:
-        self.ui.statusLabel.text = str(error)
-        logging.error(f"OAIMSSegment: {error}")
-
-    def _updateSiteInfo(self) -> None:
+    def _refresh(self) -> None:
+        enabled = self.controller.enabled()
+        ui = self.ui
+        for key, widgets in (("place", (ui.foregroundPlaceWidget, ui.backgroundPlaceWidget)), ("undo", (ui.undoButton,)),
+                             ("accept", (ui.acceptButton, ui.proposeButton, ui.pickProposalButton)), ("discard", (ui.discardButton,)),
+                             ("site", (ui.siteCollapsibleButton,)), ("model", (ui.modelComboBox, ui.classComboBox))):
+            for widget in widgets:
+                widget.enabled = enabled[key]
         info = self.logic.siteModelInfo()
         images = "unknown" if info["imagesAdapted"] is None else info["imagesAdapted"]
         text = f"Site '{info['site']}': version {info['version']}, images adapted: {images}"
-        self.ui.siteInfoLabel.text = text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
-        self.ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
+        ui.siteInfoLabel.text = text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
+        ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
+
+    def _status(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        logging.info(f"OAIMSSegment: {text}")
+
+    def _listSites(self, current: str) -> None:
+        combo = self.ui.siteComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for name in sorted(set(self.logic.sites()) | {DEFAULT_SITE, current}):
+            combo.addItem(name)
+        combo.setCurrentText(current)
+        combo.blockSignals(wasBlocked)
+
+    def _commitSite(self) -> None:
+        if self.controller.site.commit(self.ui.siteComboBox.currentText):
+            qt.QSettings().setValue("OAIMSSegment/Site", self.controller.site.value)
+        self._refresh()
+
+    def _commitStore(self) -> None:
+        if self.controller.store.commit(self.ui.storeFolderPathLineEdit.currentPath):
+            qt.QSettings().setValue("OAIMSSegment/StoreFolder", self.controller.store.value)
+            self._listSites(self.controller.site.value)
+        self._refresh()
 
     def _listModels(self) -> None:
         self.ui.modelComboBox.clear()
         self.ui.modelComboBox.addItem("(select a model)", "")
         if self.logic.missingDependencies():
             self.ui.modelComboBox.addItem("Install dependencies and list models...", "__install__")
-            return
         for card in self.logic.availableModels():
-            self.ui.modelComboBox.addItem(f"{card.name}: {card.task}", card.name)
+            self.ui.modelComboBox.addItem(f"{card['name']}: {card['task']}", card["name"])
 
     def onModelChanged(self, index: int) -> None:
         name = self.ui.modelComboBox.itemData(index)
@@ -716,11 +680,14 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except OAIMSError as error:
                 slicer.util.errorDisplay(str(error), windowTitle="OAIMS Segment")
                 return
+            if slicer.util.confirmOkCancelDisplay("Packages installed. Restart Slicer now to use them?"):
+                slicer.util.restart()
             self._listModels()
             return
         if not name or not self._runNow(self.logic.setModel, name):
             return
-        self._clearPoints()
+        self.logic.forgetNodes()  # the new model's classes: the segment restarts at the next selection
+        self.onEditorNodeModified()
         self.ui.classComboBox.clear()
         for className, classIndex in sorted(self.logic.card.labels.items(), key=lambda item: item[1]):
             if classIndex:
@@ -731,18 +698,6 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = widget.blockSignals(True)
             setattr(widget, value, settings[key])
             widget.blockSignals(wasBlocked)
-
-    def onSiteChanged(self, name: str) -> None:
-        if name:
-            self._runNow(self.logic.setSite, name)
-
-    def onStoreFolderChanged(self, path: str) -> None:
-        qt.QSettings().setValue("OAIMSSegment/StoreFolder", path)
-        self._runNow(self.logic.setStoreFolder, path)
-
-    def onInputsChanged(self, *_: Any) -> None:
-        # The Logic starts the segment lazily at the next click (see _ensureSegmentStarted).
-        self._clearPoints()
 
     def onClassChanged(self, index: int) -> None:
         if index >= 0 and self.logic.card is not None:
@@ -765,10 +720,10 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 action(*args)
             return True
         except OAIMSError as error:
-            self._showError(error)
+            self._status(str(error))
             return False
         finally:
-            self._updateSiteInfo()
+            self._refresh()
 
     def onResetSite(self) -> None:
         if slicer.util.confirmOkCancelDisplay("Reset this site to the pretrained model? Saved versions are kept."):
@@ -792,16 +747,20 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
 
     def test_LogicWorkflow(self) -> None:
         import tempfile
+        import unittest
 
-        logic = OAIMSSegmentLogic(storeFolder=tempfile.mkdtemp(prefix="oaims-sites-"))
-        missing = logic.missingDependencies()
-        cards = [card for card in logic.availableModels() if card.image_channels == 1] if not missing else []
-        if not cards:
-            self.delayDisplay(f"Skipped: missing {', '.join(missing)}" if missing else
-                              "Skipped: no single-channel model is shipped in Resources/Models")
-            return
-        self.delayDisplay(f"Model {cards[0].name}")
-        logic.setModel(cards[0].name)
+        missing = OAIMSSegmentLogic.missingDependencies()
+        cards = [card for card in OAIMSSegmentLogic.availableModels() if card["image_channels"] == 1]
+        if missing or not cards:
+            reason = f"missing {', '.join(missing)}" if missing else "no single-channel model in Resources/Models"
+            self.delayDisplay(f"OAIMSSegmentTest SKIPPED: {reason}", msec=2000)
+            raise unittest.SkipTest(reason)
+        with tempfile.TemporaryDirectory(prefix="oaims-sites-") as store:  # no store is left behind
+            self._workflow(OAIMSSegmentLogic(storeFolder=store), cards[0]["name"])
+
+    def _workflow(self, logic: "OAIMSSegmentLogic", modelName: str) -> None:
+        self.delayDisplay(f"Model {modelName}")
+        logic.setModel(modelName)
         logic.setSite("selftest")
 
         # A bright ball in a 64^3 volume with anisotropic spacing and a non-trivial origin.
@@ -827,8 +786,9 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
         accepted = logic.accept()  # the second click's MI update changed the model: version 1
         self.delayDisplay(f"Accept: {accepted['message']}")
         self.assertTrue(accepted["saved"])
+        self.assertEqual([row["sliceIndex"] for row in accepted["slices"]], [32])
         resumed = OAIMSSegmentLogic(storeFolder=logic.storeFolder)
-        resumed.setModel(cards[0].name)
+        resumed.setModel(modelName)
         self.assertEqual(resumed.setSite("selftest")["version"], 1)
         logic.resetSiteModel()
         self.assertEqual(logic.siteModelInfo()["version"], 0)

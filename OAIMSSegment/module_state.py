@@ -10,12 +10,64 @@ being deleted. It is tested on real MRML (``Testing/Python/test_slicer_segment.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
+
+import numpy as np
 
 from OAIMSSegment.errors import OAIMSError
 
-__all__ = ["PanelController", "UndoStates", "Marker", "FieldCommit"]
+__all__ = ["PanelController", "UndoStates", "EditorUndo", "Marker", "FieldCommit", "Job", "compute_job"]
+
+
+@dataclass
+class Job:
+    """One action (``kind``: click, undo, accept or discard) in three phases: ``prepare*`` makes it
+    (main thread: reads MRML, updates what is open), :func:`compute_job` runs it in the
+    engine (worker: fills ``report`` and ``mask``, or ``error``), ``OAIMSSegmentLogic.apply``
+    shows it (main thread: writes MRML). Every prepared job is applied, in order."""
+
+    kind: str
+    slice: Any  # the slice a click or undo acts on
+    label: int = 0
+    location: Any = None  # where a click is
+    newImage: bool = False  # a click that makes its slice the open image (the one open stays as it is)
+    edits: Any = None  # the slice's SliceEdits (click, undo)
+    restoreSlice: bool = True  # an undo writes back what the slice held before the click
+    finals: dict = field(default_factory=dict)  # accept: {(axis, index): class map the slice holds}
+    slices: list = field(default_factory=list)  # discard: SegmentedSlices to restore
+    settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the segment opens or closes
+    report: dict = field(default_factory=dict)
+    mask: Optional[np.ndarray] = None  # the class map to show on the slice
+    error: Optional[Exception] = None
+
+
+def compute_job(work, job: Job) -> Job:
+    """Worker: run ``job`` on the segment's :class:`~OAIMSSegment.segment_session.SegmentWork` (the
+    engine only, no MRML). An error is kept in ``job.error`` for the Logic's ``apply`` to raise."""
+    try:
+        if job.kind == "click":
+            if job.newImage:
+                work.open((job.location.axis, job.location.index), job.slice.image, job.settings)
+            result, location = work.click(job.location.position, job.label), job.location
+            job.mask, job.report = result.mask, {
+                "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
+                "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
+                "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(work.site.session.clicks),
+                "foregroundPixels": int((result.mask > 0).sum())}
+        elif job.kind == "undo":
+            work.undo()
+            job.report = {"clicks": len(work.site.session.clicks)}
+        elif job.kind == "accept":
+            started = time.perf_counter()
+            job.report = work.accept(job.finals, job.settings).report((time.perf_counter() - started) * 1000.0)
+        else:
+            work.discard(job.settings)
+            job.report = {"discarded": True}
+    except Exception as error:  # raised again on the main thread by apply()
+        job.error = error
+    return job
 
 
 class UndoStates:
@@ -35,6 +87,22 @@ class UndoStates:
     @property
     def active(self) -> bool:
         return False
+
+
+class EditorUndo(UndoStates):
+    """The undo states of a ``qMRMLSegmentEditorWidget`` (``saveStateForUndo``, ``undo``); ``stamp``
+    gives the segment's labelmap MTime (``mrml.segment_stamp``)."""
+
+    active = True
+
+    def __init__(self, editor, stamp: Callable[[], int]) -> None:
+        self.editor, self.stamp = editor, stamp
+
+    def save(self) -> None:
+        self.editor.saveStateForUndo()
+
+    def undo(self) -> None:
+        self.editor.undo()
 
 
 @dataclass

@@ -497,3 +497,31 @@ def closest_slice_node(scene: "slicer.vtkMRMLScene", ras: "np.ndarray | list[flo
         if distance < best_distance:
             best, best_distance = node, distance
     return best
+
+
+def segment_editor_node(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLSegmentEditorNode":
+    """The scene's singleton Segment Editor node (tag "SegmentEditor"), created if missing, as the
+    Segment Editor module does: sharing it keeps volume, segmentation and segment in step with it."""
+    node = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    if node is None:
+        if not scene.IsNodeClassRegistered("vtkMRMLSegmentEditorNode"):  # pure slicer-core: no Segmentations module
+            scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
+        node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+        node.UnRegister(None)
+        node.SetSingletonTag("SegmentEditor")
+        node = scene.AddNode(node)
+    return node
+
+
+def new_segmentation(scene: "slicer.vtkMRMLScene", volume_node: "slicer.vtkMRMLVolumeNode", segment_name: str):
+    """A new segmentation on the volume's grid with one empty segment; returns ``(node, segment ID)``."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
+    prepare_segmentation(node, volume_node)
+    return node, ensure_segment(node, segment_name)
+
+
+def segment_stamp(segmentation_node: "slicer.vtkMRMLSegmentationNode | None", segment_id: "str | None") -> int:
+    """A number that changes whenever the segment's labelmap changes (its MTime; 0 without a segment)."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segmentation_node and segment_id else None
+    labelmap = segment.GetRepresentation("Binary labelmap") if segment is not None else None
+    return int(labelmap.GetMTime()) if labelmap is not None else 0

@@ -223,6 +223,7 @@ try:
     logic.setModel('anything')
 except mod.MissingDependenciesError as error:
     print('refused', error)
+print('models', [card['name'] for card in logic.availableModels()])
 print('torch imported', 'torch' in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -230,6 +231,8 @@ print('torch imported', 'torch' in sys.modules)
     assert "missing ['torch', 'monai']" in done.stdout
     assert "refused missing Python packages: torch, monai" in done.stdout
     assert "torch imported False" in done.stdout
+    shipped = sorted(p.stem for p in (REPO / "Resources" / "Models").glob("*.json") if not p.stem.startswith("proposals-"))
+    assert f"models {shipped}" in done.stdout  # listed from the JSON cards, torch never imported
 
 
 def test_dependency_install_uses_pytorch_utils_then_pip(module, monkeypatch):
@@ -237,7 +240,9 @@ def test_dependency_install_uses_pytorch_utils_then_pip(module, monkeypatch):
     missing = [["torch", "monai"], []]  # before and after installation
     monkeypatch.setattr(module.OAIMSSegmentLogic, "missingDependencies", staticmethod(lambda: missing[0]))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (calls.append(("pip", requirements)), missing.pop(0)))
+    pins = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (
+        calls.append(("pip", requirements[:2])), pins.append(Path(requirements[3]).read_text()), missing.pop(0)))
 
     class PyTorchUtilsLogic:  # stand-in for the PyTorch extension's logic (an optional Slicer extension)
         def installTorch(self, askConfirmation=True):
@@ -254,7 +259,15 @@ def test_dependency_install_uses_pytorch_utils_then_pip(module, monkeypatch):
     logic.setupPythonRequirements(confirm=lambda message: questions.append(message) or True)
     assert "torch, monai" in questions[0]
     assert calls == [("PyTorchUtils", False), ("pip", ["-r", logic.requirementsPath()])]
-    assert Path(logic.requirementsPath()).is_file()
+    # pip gets a constraints file pinning the installed torch and numpy, and never lists torch itself.
+    from importlib.metadata import version
+
+    assert f"numpy=={version('numpy')}" in pins[0] and f"torch=={version('torch')}" in pins[0]
+    listed = [line for line in Path(logic.requirementsPath()).read_text().splitlines() if line and not line.startswith("#")]
+    assert listed and not any(line.startswith("torch") for line in listed)
+    monkeypatch.delitem(sys.modules, "PyTorchUtils")  # without PyTorch Utils, torch is never pip-installed: a clear message instead
+    with pytest.raises(module.MissingDependenciesError, match="install the PyTorch extension"):
+        logic.installDependencies()
 
 
 # -- the MRML bridge -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from test_slicer_module import REPO, add_volume, ball_volume, binary_model, modu
 
 from OAIMSSegment import mrml  # noqa: E402
 from OAIMSSegment.errors import InvalidClickError  # noqa: E402
-from OAIMSSegment.module_state import Marker, PanelController, UndoStates  # noqa: E402
+from OAIMSSegment.module_state import EditorUndo, Marker, PanelController  # noqa: E402
 from OAIMSSegment.runner import JobRunner  # noqa: E402
 
 
@@ -49,27 +49,20 @@ def setup(module, scene, binary_model, tmp_path):
     return logic, volume, segmentation, segment_ids
 
 
-class HistoryUndoStates(UndoStates):
-    """TEST DOUBLE of the embedded Segment Editor's undo: the same calls qMRMLSegmentEditorWidget makes
+class HistoryEditor:
+    """TEST DOUBLE of the embedded qMRMLSegmentEditorWidget's undo (Qt): the calls the widget makes
     (saveStateForUndo -> SaveState, undo -> RestorePreviousState) on a real vtkSegmentationHistory."""
 
-    def __init__(self, segmentation_node, segment_id) -> None:
-        self.node, self.segment_id = segmentation_node, segment_id
+    def __init__(self, segmentation_node) -> None:
         self.history = slicer.vtkSegmentationHistory()
         self.history.SetMaximumNumberOfStates(10)
         self.history.SetSegmentation(segmentation_node.GetSegmentation())
 
-    active = True
-
-    def save(self) -> None:
+    def saveStateForUndo(self) -> None:
         self.history.SaveState()
 
     def undo(self) -> None:
         self.history.RestorePreviousState()
-
-    def stamp(self) -> int:
-        segment = self.node.GetSegmentation().GetSegment(self.segment_id)
-        return int(segment.GetRepresentation("Binary labelmap").GetMTime())
 
 
 # -- defect 4: silent training -------------------------------------------------------------------
@@ -167,7 +160,7 @@ def test_writing_a_slice_touches_only_the_pixels_that_change(setup):
 
 def test_ctrl_z_undoes_the_click_its_mi_update_and_its_write_a_later_paint_stroke_alone(setup):
     logic, volume, segmentation, (tumor, _) = setup
-    states = HistoryUndoStates(segmentation, tumor)
+    states = EditorUndo(HistoryEditor(segmentation), lambda: mrml.segment_stamp(segmentation, tumor))
     controller = PanelController(logic, JobRunner(pump=lambda: None), states)
     location = mrml.locate_click(volume, world_of(volume, (0, 0, 20)), "Axial")
     removed = []
@@ -188,6 +181,15 @@ def test_ctrl_z_undoes_the_click_its_mi_update_and_its_write_a_later_paint_strok
     controller.undo()
     assert removed == [2, 1] and logic.session.clicks == []
     assert not mrml.read_slice_mask(segmentation, tumor, volume, location).any()
+
+
+def test_one_button_makes_a_segmentation_and_segment_on_the_editor_singleton(module, scene):
+    volume = add_volume(scene, ball_volume((4, 16, 16)), np.eye(4), "MRI")
+    editor = mrml.segment_editor_node(scene)
+    assert mrml.segment_editor_node(scene) is editor and editor.GetSingletonTag() == "SegmentEditor"
+    segmentation, segment_id = mrml.new_segmentation(scene, volume, "lesion")
+    assert segmentation.GetSegmentation().GetSegment(segment_id).GetName() == "lesion"
+    assert segmentation.GetDisplayNode() is not None
 
 
 # -- defect 5: races; defect 3: fields -------------------------------------------------------------
