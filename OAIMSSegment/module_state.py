@@ -49,7 +49,7 @@ def compute_job(work, job: Job) -> Job:
     try:
         if job.kind == "click":
             if job.newImage:
-                work.open((job.location.axis, job.location.index), job.slice.image, job.settings)
+                work.open((job.location.axis, job.location.index), job.slice.image, job.settings, job.slice.spacing)
             result, location = work.click(job.location.position, job.label), job.location
             job.mask, job.report = result.mask, {
                 "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,

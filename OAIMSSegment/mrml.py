@@ -415,6 +415,7 @@ class SegmentedSlice:
     Attributes:
         image: the slice's intensities, channels first ``(C, H, W)`` (:func:`extract_slice`).
         before: ``{class index: bool (H, W)}``, each class segment on the slice when it was read.
+        spacing: ``(row mm, col mm)`` of the slice's pixels (the volume's spacing along its in-plane axes).
     """
 
     volume_node: "slicer.vtkMRMLVolumeNode"
@@ -423,6 +424,7 @@ class SegmentedSlice:
     location: SliceLocation
     image: np.ndarray
     before: Mapping[int, np.ndarray]
+    spacing: tuple[float, float] = (1.0, 1.0)
 
     @classmethod
     def read(cls, volume_node, segmentation_node, class_segments: Mapping[int, str], location: SliceLocation) -> "SegmentedSlice":
@@ -430,7 +432,10 @@ class SegmentedSlice:
         before = {index: read_slice_mask(segmentation_node, segment_id, volume_node, location)
                   for index, segment_id in class_segments.items()}
         image = extract_slice(volume_node, location)
-        return cls(volume_node, segmentation_node, dict(class_segments), location, image, before)
+        spacing = volume_node.GetSpacing()
+        rows_axis, cols_axis = _in_plane_axes(location.axis)
+        return cls(volume_node, segmentation_node, dict(class_segments), location, image, before,
+                   (float(spacing[rows_axis]), float(spacing[cols_axis])))
 
     def write(self, mask: np.ndarray, class_segments: "Mapping[int, str] | None" = None) -> None:
         """:func:`write_slice_mask` on this slice (into ``class_segments``, default the class segments)."""

@@ -14,7 +14,7 @@ gets ONE new version (:meth:`SiteSession.save_update`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Dict, Hashable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -24,7 +24,7 @@ from OAIMSSegment.errors import SessionStateError
 if TYPE_CHECKING:  # torch-free at run time: the Slicer module imports this before torch is installed
     from OAIMSSegment.clicks import Click
 
-__all__ = ["SegmentWork", "SegmentAccept", "SliceAccept", "SliceEdits", "EDIT_OVERRIDE_RADIUS_PX"]
+__all__ = ["SegmentWork", "SegmentAccept", "SliceAccept", "SliceEdits", "InPlaneGrid", "EDIT_OVERRIDE_RADIUS_PX"]
 
 #: A click "asks" for its prediction at the pixels within this many slice pixels of it (a disk):
 #: there a new click's prediction replaces the clinician's earlier paint or erase; elsewhere edits stay.
@@ -34,10 +34,53 @@ EDIT_OVERRIDE_RADIUS_PX = 3.0
 NOT_EDITED = -1
 
 
+@dataclass(frozen=True)
+class InPlaneGrid:
+    """A slice of ``shape`` ``(H, W)`` pixels with ``spacing`` ``(row mm, col mm)``, resampled for the
+    model to isotropic pixels of the finer spacing (a coronal slice of a 1x1x5 mm volume is 5:1
+    otherwise), and the model's masks sampled back at the slice's pixel centres."""
+
+    shape: Tuple[int, int]
+    spacing: Tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def model_shape(self) -> Tuple[int, int]:
+        finest = min(self.spacing)
+        return tuple(max(1, int(round(n * s / finest))) for n, s in zip(self.shape, self.spacing))  # type: ignore[return-value]
+
+    def _centres(self, axis: int) -> np.ndarray:
+        """For each slice pixel along ``axis``, the model pixel holding its centre."""
+        n, m = self.shape[axis], self.model_shape[axis]
+        return np.minimum(((np.arange(n) + 0.5) * m / n).astype(int), m - 1)
+
+    def image_to_model(self, image: np.ndarray) -> np.ndarray:
+        """``(C, H, W)`` -> ``(C, H', W')`` by linear interpolation (unchanged when already isotropic)."""
+        if self.model_shape == tuple(self.shape):
+            return image
+        from scipy import ndimage
+
+        zoom = (1.0, self.model_shape[0] / self.shape[0], self.model_shape[1] / self.shape[1])
+        return ndimage.zoom(image, zoom, order=1, mode="nearest", grid_mode=True).astype(image.dtype, copy=False)
+
+    def click_to_model(self, position: Tuple[int, int]) -> Tuple[int, int]:
+        return tuple(int(c[p]) for c, p in zip((self._centres(0), self._centres(1)), position))  # type: ignore[return-value]
+
+    def mask_from_model(self, mask: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """A model-grid class map sampled at the slice's pixel centres: ``(H, W)``."""
+        return None if mask is None else mask[np.ix_(self._centres(0), self._centres(1))]
+
+    def mask_to_model(self, mask: np.ndarray) -> np.ndarray:
+        """A slice class map ``(H, W)`` on the model grid (nearest pixel)."""
+        rows = np.minimum((np.arange(self.model_shape[0]) * self.shape[0] // self.model_shape[0]), self.shape[0] - 1)
+        cols = np.minimum((np.arange(self.model_shape[1]) * self.shape[1] // self.model_shape[1]), self.shape[1] - 1)
+        return np.asarray(mask)[np.ix_(rows, cols)]
+
+
 @dataclass
 class _WorkedSlice:
-    image: np.ndarray
-    clicks: List[Click] = field(default_factory=list)
+    image: np.ndarray  # on the model grid
+    grid: InPlaneGrid
+    clicks: List[Click] = field(default_factory=list)  # on the model grid
 
 
 @dataclass(frozen=True)
@@ -88,11 +131,13 @@ class SegmentWork:
         """Keys of the slices that hold clicks, in the order they were first opened."""
         return [key for key, worked in self._slices.items() if worked.clicks]
 
-    def open(self, key: Hashable, image: np.ndarray, settings: Optional[tuple] = None) -> Optional[np.ndarray]:
-        """Make slice ``key`` (image ``(C, H, W)``, raw) the open image and return its mask (None
-        without clicks). The slice open before stays as it is; a slice opened before is resumed with
-        its clicks, without adapting again. ``settings`` ``(method, AdaptConfig)`` take effect first
-        when this is the segment's first slice."""
+    def open(self, key: Hashable, image: np.ndarray, settings: Optional[tuple] = None,
+             spacing: Tuple[float, float] = (1.0, 1.0)) -> Optional[np.ndarray]:
+        """Make slice ``key`` (image ``(C, H, W)``, raw; ``spacing`` its (row, col) mm) the open image and
+        return its mask (None without clicks). The slice open before stays as it is; a slice opened
+        before is resumed with its clicks, without adapting again. ``settings`` ``(method,
+        AdaptConfig)`` take effect first when this is the segment's first slice. The model sees the
+        slice at isotropic in-plane spacing (:class:`InPlaneGrid`); masks and clicks here are the slice's."""
         session = self.site.session
         if self._start is None:
             if settings:
@@ -100,24 +145,28 @@ class SegmentWork:
                 session.reconfigure(*settings)
             self._start = session.state_dict()
         self._leave()
-        worked = self._slices.setdefault(key, _WorkedSlice(np.asarray(image)))
+        if key not in self._slices:
+            grid = InPlaneGrid(tuple(np.shape(image)[-2:]), tuple(float(s) for s in spacing))
+            self._slices[key] = _WorkedSlice(grid.image_to_model(np.asarray(image)), grid)
+        worked = self._slices[key]
         mask = session.resume(worked.image, worked.clicks)
         self._open = key
-        return mask
+        return worked.grid.mask_from_model(mask)
 
     def click(self, position: Tuple[int, int], label: int):
-        """A click on the open slice (``session.add_click``: MI step, new prediction); returns the ClickResult."""
+        """A click at ``position`` (row, col) of the open slice (``session.add_click``: MI step, new
+        prediction); returns the ClickResult, its mask on the slice's pixels."""
         worked = self._require_open()
-        result = self.site.session.add_click(position, label)
+        result = self.site.session.add_click(worked.grid.click_to_model(position), label)
         worked.clicks.append(result.click)
-        return result
+        return replace(result, mask=worked.grid.mask_from_model(result.mask))
 
     def undo(self) -> Optional[np.ndarray]:
         """Remove the open slice's last click (and its MI update when it was made on this visit); returns the mask."""
         worked = self._require_open()
         mask = self.site.session.undo()
         worked.clicks.pop()
-        return mask
+        return worked.grid.mask_from_model(mask)
 
     def accept(self, finals: Mapping[Hashable, np.ndarray], settings: Optional[tuple] = None) -> SegmentAccept:
         """PI once per slice with clicks, each on ``finals[key]`` (the class map ``(H, W)`` the slice
@@ -133,7 +182,7 @@ class SegmentWork:
         for key in keys:
             worked, final = self._slices[key], np.asarray(finals[key])
             session.resume(worked.image, worked.clicks)
-            outcome = session.accept(mask=final)
+            outcome = session.accept(mask=worked.grid.mask_to_model(final))
             outcomes.append(outcome)
             rows.append(SliceAccept(key, int((final > 0).sum()), outcome.applied, outcome.reason))
         accepted = self.site.save_update(outcomes, adapted or any(o.applied for o in outcomes))

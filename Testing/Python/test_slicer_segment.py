@@ -17,7 +17,8 @@ import pytest
 import slicer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_slicer_module import REPO, add_volume, ball_volume, binary_model, module, scene, world_of  # noqa: E402,F401
+from test_slicer_module import (REPO, add_volume, ball_volume, binary_model, engine_replay, module, scene,  # noqa: E402,F401
+                                world_of)
 
 from OAIMSSegment import mrml  # noqa: E402
 from OAIMSSegment.errors import InvalidClickError  # noqa: E402
@@ -237,6 +238,28 @@ def test_views_far_off_the_voxel_planes_are_refused(setup, scene):
                 logic.prepareClick(world_of(volume, (28, 32, 20)), True, red)
         else:
             assert mrml.locate_click(volume, world_of(volume, (28, 32, 20)), red).axis == 2
+
+
+def test_sagittal_and_coronal_slices_reach_the_model_at_isotropic_in_plane_spacing(module, scene, binary_model, tmp_path):
+    voxels = ball_volume((10, 40, 36))
+    volume = add_volume(scene, voxels, np.diag([1.0, 1.0, 4.0, 1.0]))  # 1 x 1 x 4 mm voxels
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "sites"))
+    logic.setModel(binary_model)
+    (segment_id,) = logic.startSegment(volume, segmentation).values()
+    initial = logic.session.state_dict()
+    report = logic.addClick(world_of(volume, (18, 20, 5)), True, "Coronal")  # rows: K (4 mm), columns: I (1 mm)
+    assert report["pixel"] == (5, 18)
+    assert logic.session.prepared.original_shape == (40, 36)  # 10 rows of 4 mm -> 40 rows of 1 mm
+    assert logic.session.clicks[0].position == (22, 18)  # the centre of row 5 is model row 22
+    image = np.take(voxels, 20, axis=1)[np.newaxis]
+    from scipy import ndimage
+
+    model_image = ndimage.zoom(image, (1, 4, 1), order=1, mode="nearest", grid_mode=True)
+    expected = engine_replay(binary_model, initial, model_image, [((22, 18), 1)])[2::4]  # sampled at row centres
+    location = mrml.locate_click(volume, world_of(volume, (18, 20, 5)), "Coronal")
+    np.testing.assert_array_equal(mrml.read_slice_mask(segmentation, segment_id, volume, location), expected == 1)
+    assert logic.accept()["slices"][0]["acceptedPixels"] == int((expected == 1).sum())
 
 
 def test_every_module_file_parses_as_python_3_9_and_the_repository_has_a_license():
