@@ -163,6 +163,9 @@ class PanelController:
         """Use these inputs now (a new segment, volume or segmentation takes effect at once; the
         segment left is kept without adapting). True when they changed."""
         logic = self.logic
+        if self.runner.busy:  # an editor-node event pumped during a job: take it up afterwards
+            self.runner.request(lambda: self.selectInputs(volume, segmentation, segmentId))
+            return False
         if logic.card is None or volume is None or segmentation is None:
             return False
         if (logic.volumeNode, logic.segmentationNode) == (volume, segmentation) and segmentId in (None, "", logic.segmentId):
