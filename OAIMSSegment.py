@@ -453,20 +453,20 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         segments. Returns their segment IDs; :meth:`pickProposal` makes one the current mask."""
         session = self._requireSession()
         self._requireIdle()
-        image = self._worked[self._open][0].image if self._open is not None else None
-        proposals = self._nextSteps.propose(session, image, self.activeClass, k, seed)
+        model = self._work.openImage  # (image, InPlaneGrid): proposals are made on the model's grid
+        proposals = self._nextSteps.propose(session, model and model[0], self.activeClass, k, seed)
         self._removeProposalSegments()
         segmentIds = []
         for number, proposal in enumerate(proposals, start=1):
             segmentIds.append(mrml.ensure_segment(self.segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}"))
-            self._worked[self._open][0].write(proposal.astype(np.uint8), {1: segmentIds[-1]})
+            self._worked[self._open][0].write(model[1].mask_from_model(proposal).astype(np.uint8), {1: segmentIds[-1]})
         return segmentIds
 
     def pickProposal(self, index: int) -> dict:
         """Make proposal ``index`` (0-based) the current mask of the active class; Accept then adapts to it."""
         session = self._requireSession()
         self._requireIdle()
-        mask = self._nextSteps.pick(session, index, self.activeClass)
+        mask = self._work.openImage[1].mask_from_model(self._nextSteps.pick(session, index, self.activeClass))
         self._removeProposalSegments()
         self._worked[self._open][0].write(mask)
         return {"foregroundPixels": int((mask > 0).sum())}
@@ -554,7 +554,8 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             shortcut.deleteLater()
 
     def enter(self) -> None:
-        self._pointList(True), self._pointList(False)
+        for positive in (True, False):
+            self._pointList(positive)
         for shortcut in self._shortcuts:
             shortcut.enabled = True
         if self.editor.sourceVolumeNode() is None:

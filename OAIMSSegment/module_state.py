@@ -144,6 +144,7 @@ class PanelController:
         self.undoStates = undo_states or UndoStates()
         logic.beforeWrite = self.undoStates.save
         self.markers: List[Optional[Marker]] = []  # one per click on the open slice, in order
+        self._segmentMarkers: List[Marker] = []  # every marker of the segment (all its slices)
         self._written: List[int] = []  # undoStates.stamp() just after each click was written
         self.site = FieldCommit(self._setSite, logic.siteName)
         self.store = FieldCommit(self._setStore, logic.storeFolder)
@@ -171,7 +172,7 @@ class PanelController:
         if (logic.volumeNode, logic.segmentationNode) == (volume, segmentation) and segmentId in (None, "", logic.segmentId):
             return False
         self._run(lambda: logic.startSegment(volume, segmentation, segmentId or None))
-        self.markers, self._written = [], []
+        self.markers, self._written, self._segmentMarkers = [], [], []
         return True
 
     # -- actions (each through the runner: deferred while a job runs) ---------------------------
@@ -188,6 +189,8 @@ class PanelController:
             if job.newImage:
                 self.markers, self._written = [], []
             self.markers.append(marker)
+            if marker is not None:
+                self._segmentMarkers.append(marker)
             if self._finish(job):
                 self._written.append(self.undoStates.stamp())
         self.runner.request(action)
@@ -214,6 +217,7 @@ class PanelController:
             if self._finish(job) and states.active:
                 states.undo()
             if marker is not None:
+                self._segmentMarkers.remove(marker)
                 marker.remove()
         self.runner.request(action)
 
@@ -232,10 +236,9 @@ class PanelController:
             self.report(str(error))
             return
         if self._finish(job):
-            for marker in self.markers:
-                if marker is not None:
-                    marker.remove()
-            self.markers, self._written = [], []
+            for marker in self._segmentMarkers:
+                marker.remove()
+            self.markers, self._written, self._segmentMarkers = [], [], []
 
     def _finish(self, job) -> bool:
         """Compute ``job`` on the worker, apply it here; report its error. True if it succeeded."""
@@ -276,7 +279,7 @@ class PanelController:
     def sceneClosing(self) -> None:
         """The scene starts closing: keep the segment without adapting, forget nodes and markers."""
         self.logic.forgetNodes()
-        self.markers, self._written = [], []
+        self.markers, self._written, self._segmentMarkers = [], [], []
 
     def nodeRemoved(self, node) -> None:
         """A node is about to be deleted: if it is the volume or segmentation in use, as :meth:`sceneClosing`."""

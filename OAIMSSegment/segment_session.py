@@ -131,6 +131,12 @@ class SegmentWork:
         """Keys of the slices that hold clicks, in the order they were first opened."""
         return [key for key, worked in self._slices.items() if worked.clicks]
 
+    @property
+    def openImage(self) -> Optional[Tuple[np.ndarray, InPlaneGrid]]:
+        """The open slice's image as the model sees it ``(C, H', W')`` and its grid (None when none is open)."""
+        worked = self._slices.get(self._open) if self._open is not None else None
+        return (worked.image, worked.grid) if worked is not None else None
+
     def open(self, key: Hashable, image: np.ndarray, settings: Optional[tuple] = None,
              spacing: Tuple[float, float] = (1.0, 1.0)) -> Optional[np.ndarray]:
         """Make slice ``key`` (image ``(C, H, W)``, raw; ``spacing`` its (row, col) mm) the open image and
@@ -179,14 +185,16 @@ class SegmentWork:
         self._leave()
         adapted = self._weights_changed()
         outcomes, rows = [], []
-        for key in keys:
-            worked, final = self._slices[key], np.asarray(finals[key])
-            session.resume(worked.image, worked.clicks)
-            outcome = session.accept(mask=worked.grid.mask_to_model(final))
-            outcomes.append(outcome)
-            rows.append(SliceAccept(key, int((final > 0).sum()), outcome.applied, outcome.reason))
-        accepted = self.site.save_update(outcomes, adapted or any(o.applied for o in outcomes))
-        self._finish(settings)
+        try:  # the segment is over even if PI or the save fails: its state must not leak into the next
+            for key in keys:
+                worked, final = self._slices[key], np.asarray(finals[key])
+                session.resume(worked.image, worked.clicks)
+                outcome = session.accept(mask=worked.grid.mask_to_model(final))
+                outcomes.append(outcome)
+                rows.append(SliceAccept(key, int((final > 0).sum()), outcome.applied, outcome.reason))
+            accepted = self.site.save_update(outcomes, adapted or any(o.applied for o in outcomes))
+        finally:
+            self._finish(settings)
         version = accepted.version if accepted.saved else self.site.version
         return SegmentAccept(accepted, tuple(rows), sum(o.clicks for o in outcomes), int(version or 0))
 

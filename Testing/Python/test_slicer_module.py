@@ -424,17 +424,23 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     assert [r["ijk"] for r in reports] == [c[0] for c in clicks], source
     assert [r["newImage"] for r in reports] == [True, False, False]
     assert all(r["latencyMs"] > 0 for r in reports) and reports[1]["adaptMs"] > 0
-    # The segment equals what the engine gives on the same array and clicks, on that slice only.
+    # The segment equals what the engine gives on the same array and clicks, on that slice only; the
+    # model sees the slice at isotropic in-plane spacing (rows J 1.2 mm, columns I 0.8 mm -> 0.8 mm).
+    from OAIMSSegment.segment_session import InPlaneGrid
+
     image = voxels[centre[2]][np.newaxis]
-    engine_clicks = [((ijk[1], ijk[0]), int(positive)) for ijk, positive in clicks]
-    expected = engine_replay(binary_model, initial_state, image, engine_clicks)
+    grid = InPlaneGrid(image.shape[1:], (1.2, 0.8))
+    assert grid.model_shape == (int(round(image.shape[1] * 1.5)), image.shape[2])
+    engine_clicks = [(grid.click_to_model((ijk[1], ijk[0])), int(positive)) for ijk, positive in clicks]
+    replay = lambda clicks: grid.mask_from_model(engine_replay(binary_model, initial_state, grid.image_to_model(image), clicks))  # noqa: E731
+    expected = replay(engine_clicks)
     after = export_segment(scene, segmentation, segment_id, volume)
     np.testing.assert_array_equal(after[centre[2]], expected == 1)
     np.testing.assert_array_equal(np.delete(after, centre[2], axis=0), np.delete(before, centre[2], axis=0))
 
     # Undo restores the previous mask; undoing every click restores the slice as it was.
     assert logic.undoClick() == {"clicks": 2}
-    expected_two = engine_replay(binary_model, initial_state, image, engine_clicks[:2])
+    expected_two = replay(engine_clicks[:2])
     np.testing.assert_array_equal(export_segment(scene, segmentation, segment_id, volume)[centre[2]], expected_two == 1)
     logic.undoClick()
     logic.undoClick()

@@ -182,6 +182,11 @@ def test_ctrl_z_undoes_the_click_its_mi_update_and_its_write_a_later_paint_strok
     controller.undo()
     assert removed == [2, 1] and logic.session.clicks == []
     assert not mrml.read_slice_mask(segmentation, tumor, volume, location).any()
+    # Accept takes every marker of the segment away, on all its slices.
+    controller.click(world_of(volume, (28, 32, 20)), True, "Axial", Marker(lambda: removed.append(3)))
+    controller.click(world_of(volume, (28, 32, 18)), True, "Axial", Marker(lambda: removed.append(4)))
+    controller.accept()
+    assert removed == [2, 1, 3, 4] and len(controller.last["slices"]) == 2
 
 
 def test_one_button_makes_a_segmentation_and_segment_on_the_editor_singleton(module, scene):
