@@ -1,14 +1,9 @@
 """OAIMSSegment: click-guided segmentation in 3D Slicer that adapts its model online (OAIMS).
 
-Clinicians place foreground / background points in slice views; each click segments the 2D
-slice through it with a click-guided U-Net, which adapts after every click (Mid-Interaction,
-MI) and when the segment is accepted (Post-Interaction, PI); adapted weights are saved per
-site. Method: Xu et al., "You Point, I Learn: Online Adaptation of Interactive Segmentation
-Models for Handling Distribution Shifts in Medical Imaging".
-
-Layout: :class:`OAIMSSegmentLogic` (scriptable from the Python console) reads and writes MRML
-and runs each action in threading phases; :class:`OAIMSSegmentWidget` only connects Qt to it;
-the engine (``OAIMSSegment/``: site_session, session, model, store, next_steps, mrml) does the work.
+Each click segments the 2D slice through it with a click-guided U-Net that adapts after every click
+(MI) and when the segment is accepted (PI); adapted weights are saved per site (Xu et al., OAIMS).
+:class:`OAIMSSegmentLogic` (scriptable) reads and writes MRML in job phases; :class:`OAIMSSegmentWidget`
+is Qt glue over ``OAIMSSegment/module_state.py``; the engine (``OAIMSSegment/``) does the work.
 """
 
 import os
@@ -77,11 +72,9 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     """All behaviour of the module, usable without a GUI (docs/SLICER.md, "Scripting API"). Everything
     about the site (versions, accept, rollback, export...) is the engine's SiteSession; this reads and writes MRML.
 
-    Threading: each action is a :class:`Job`, so that a GUI can run :meth:`compute` on a worker.
-    What is open (volume, segmentation, segments, the slice, the clicks on it) is main-thread
-    state, updated when a job is *queued*: a click queued on the open slice joins its image even
-    before the clicks ahead of it have run. The worker touches only the engine session; the main
-    thread reads the session only while no job is pending. :meth:`addClick`, :meth:`undoClick`,
+    Threading: each action is a :class:`Job`, so that a GUI can run :meth:`compute` on a worker. What is
+    open (volume, segmentation, segments, the worked slices, clicks queued) is main-thread state updated
+    when a job is *queued*; the worker touches only the engine. :meth:`addClick`, :meth:`undoClick`,
     :meth:`accept` and :meth:`discard` run all three phases at once.
     """
 
@@ -133,13 +126,24 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def installDependencies(self) -> None:
         """Install the engine's packages: PyTorch through the PyTorch Utils extension when it is
         installed (it picks the right CUDA/CPU build), then the rest with pip."""
+        dependencies.install_dependencies(self.requirementsPath(), slicer.util.pip_install, self._torchInstaller(), self.missingDependencies)
+
+    @staticmethod
+    def _torchInstaller() -> Optional[Callable[[], Any]]:
         try:
             import PyTorchUtils  # the "PyTorch" extension
-
-            installTorch = lambda: PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)  # noqa: E731
         except ImportError:
-            installTorch = None
-        dependencies.install_dependencies(self.requirementsPath(), slicer.util.pip_install, installTorch, self.missingDependencies)
+            return None
+        return lambda: PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+
+    def installInBackground(self):
+        """Install torch through PyTorch Utils if missing (never pip), then the rest with pip in a separate
+        process; returns its :class:`dependencies.BackgroundProcess` (poll it for output and the exit code)."""
+        import shutil
+        import sys
+
+        dependencies.ensure_torch(self._torchInstaller())
+        return dependencies.pip_in_background(shutil.which("PythonSlicer") or sys.executable, self.requirementsPath())
 
     def setupPythonRequirements(self, confirm: Optional[Callable[[str], bool]] = None) -> None:
         """Make sure the engine can be imported; install missing packages only if ``confirm(message)``
@@ -210,10 +214,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     def setAdaptation(self, mi: Optional[bool] = None, pi: Optional[bool] = None, sigma: Optional[float] = None,
                       beta: Optional[float] = None, lr: Optional[float] = None, clickLabel: Optional[bool] = None) -> None:
-        """Switch MI / PI and set CCG sigma and beta and the learning rate. ``clickLabel``: our MI extension
-        (off, as in the paper, by default): MI's pseudo label takes the clicked class within sigma of the
-        click (docs/BENCHMARKS.md, 9.1). Takes effect now or, while an image is open or work is queued,
-        when it is accepted or discarded (an image is adapted under one set of rules)."""
+        """Switch MI / PI, set CCG sigma, beta, the learning rate and ``clickLabel`` (our MI extension, off by
+        default: docs/BENCHMARKS.md, 9.1). Takes effect now or when the segment in progress closes."""
         if mi is not None:
             self.mi = bool(mi)
         if pi is not None:
@@ -298,10 +300,9 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -- segments -----------------------------------------------------------------------------
     def startSegment(self, volumeNode, segmentationNode, segmentId: Optional[str] = None) -> dict[int, str]:
-        """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}``: one
-        segment per foreground class, ``segmentId`` for class 1 if given, the others found by class name
-        or created. Work on a segment that was not accepted is kept without adapting
-        (:meth:`abandonSegment`). Raises InvalidImageError when the volume does not fit the model."""
+        """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}`` (``segmentId``
+        for class 1 if given, the others by class name or created). Unaccepted work is abandoned (kept, not
+        adapted). Raises InvalidImageError when the volume does not fit the model."""
         session = self._requireSession()
         self._requireIdle()
         mrml.check_volume_for_model(volumeNode, session.card.image_channels, f"model '{session.card.name}'")
@@ -336,8 +337,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     # -- jobs: prepare (main thread) ------------------------------------------------------------
     def prepareClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                      label: Optional[int] = None) -> Job:
-        """Main thread: locate a click; on another slice than the open one, make that slice the open
-        image (read once per segment: its image and what its segments held). See :meth:`addClick`."""
+        """Main thread: locate a click; on another slice, make it the open image (read once). See :meth:`addClick`."""
         self._requireSession()
         if self.volumeNode is None:
             raise SessionStateError("choose a volume and segment first (startSegment)")
@@ -371,8 +371,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         return self._close(Job("accept", None, finals=finals, settings=self._takeSettings()))
 
     def prepareDiscard(self, revertSlices: bool = False) -> Job:
-        """Main thread: queue dropping the segment's model updates; ``revertSlices`` also puts its slices
-        back as they were before their first click."""
+        """Main thread: queue dropping the segment's model updates (``revertSlices``: and its slices' content)."""
         slices = [self._worked[key][0] for key in self._worked] if revertSlices else []
         return self._close(Job("discard", None, slices=slices, settings=self._takeSettings()))
 
@@ -420,15 +419,13 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
                  label: Optional[int] = None) -> dict:
         """Click at world RAS ``rasPoint`` in a view of ``sliceOrientation`` (``"Axial"``, ``"Coronal"``,
         ``"Sagittal"`` or the view's slice node): ``positive`` adds the active class, else background
-        (``label`` sets the class). Manual edits on the slice stay, except within
-        ``EDIT_OVERRIDE_RADIUS_PX`` of the click. A click on another slice keeps the previous slice as
-        it is (nothing is accepted or saved). Returns latencyMs, adaptMs, loss, label, ijk, pixel,
+        (``label`` sets the class). Manual edits stay, except within ``EDIT_OVERRIDE_RADIUS_PX`` of the click;
+        another slice keeps the previous one as it is. Returns latencyMs, adaptMs, loss, label, ijk, pixel,
         sliceAxis, sliceIndex, newImage, clicks (on this slice) and foregroundPixels (of the prediction)."""
         return self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
 
     def undoClick(self, restoreSlice: bool = True) -> dict:
-        """Undo the open slice's last click and its MI update; the slice gets back what it held just
-        before that click. Returns ``{"clicks": clicks left}``."""
+        """Undo the open slice's last click and its MI update (the slice gets back what it held). -> ``{"clicks": n}``."""
         return self.apply(self.compute(self.prepareUndo(restoreSlice)))
 
     def accept(self) -> dict:
@@ -675,15 +672,12 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index: int) -> None:
         name = self.ui.modelComboBox.itemData(index)
         if name == "__install__":
-            try:
-                with slicer.util.WaitCursor():
-                    self.logic.setupPythonRequirements(confirm=slicer.util.confirmOkCancelDisplay)
-            except OAIMSError as error:
-                slicer.util.errorDisplay(str(error), windowTitle="OAIMS Segment")
-                return
-            if slicer.util.confirmOkCancelDisplay("Packages installed. Restart Slicer now to use them?"):
-                slicer.util.restart()
-            self._listModels()
+            missing = self.logic.missingDependencies()
+            if missing and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(missing)}? This needs a network connection."):
+                if self._runNow(lambda: setattr(self, "_install", self.logic.installInBackground())):
+                    self._installTimer = qt.QTimer()
+                    self._installTimer.connect("timeout()", self._pollInstall)
+                    self._installTimer.start(200)  # pip runs in its own process: the panel stays live
             return
         if not name or not self._runNow(self.logic.setModel, name):
             return
@@ -699,6 +693,16 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = widget.blockSignals(True)
             setattr(widget, value, settings[key])
             widget.blockSignals(wasBlocked)
+
+    def _pollInstall(self) -> None:
+        lines, code = self._install.poll()
+        if lines:
+            self._status(lines[-1])
+        if code is not None:
+            self._installTimer.stop()
+            if code == 0 and slicer.util.confirmOkCancelDisplay("Packages installed. Restart Slicer now to use them?"):
+                slicer.util.restart()
+            self._status("Installed." if code == 0 else f"Installation failed (pip exit code {code}); see the Python console.")
 
     def onClassChanged(self, index: int) -> None:
         if index >= 0 and self.logic.card is not None:

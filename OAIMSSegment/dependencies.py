@@ -12,7 +12,10 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import queue
+import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,6 +66,59 @@ def constraints_file() -> Optional[str]:
     return path
 
 
+class BackgroundProcess:
+    """A command (e.g. ``PythonSlicer -m pip install ...``) in its own process, so the main thread and
+    its GIL stay free; a reader thread collects its output lines for :meth:`poll` (MONAIAuto3DSeg's
+    design, ``process.py:118-151``). ``on_exit`` runs (in :meth:`poll`) once it has finished."""
+
+    def __init__(self, command: list[str], on_exit: Callable[[], object] = lambda: None) -> None:
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._ended, self._on_exit = False, on_exit
+        threading.Thread(target=self._read, name="OAIMSSegment install output", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip())
+        self._lines.put(None)
+
+    def poll(self) -> tuple[list[str], Optional[int]]:
+        """Output lines since the last poll and the exit code (None while it runs)."""
+        lines = []
+        while not self._lines.empty():
+            line = self._lines.get()
+            if line is None:
+                self._ended = True
+            else:
+                lines.append(line)
+        if not self._ended:
+            return lines, None
+        code = self.process.wait()
+        if self._on_exit is not None:
+            self._on_exit()
+            self._on_exit = None
+        return lines, code
+
+
+def pip_in_background(python: str, requirements: str) -> BackgroundProcess:
+    """``python -m pip install -r requirements -c <pins>`` (:func:`constraints_file`) as a BackgroundProcess."""
+    constraints = constraints_file()
+    command = [python, "-m", "pip", "install", "-r", requirements] + (["-c", constraints] if constraints else [])
+    return BackgroundProcess(command, on_exit=lambda: constraints and os.remove(constraints))
+
+
+def ensure_torch(install_torch: Optional[Callable[[], object]]) -> None:
+    """Install PyTorch with ``install_torch()`` (PyTorch Utils) when it is missing; never with pip."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    if install_torch is None:
+        raise MissingDependenciesError(
+            "PyTorch is missing: install the PyTorch extension (Extensions Manager), which installs the "
+            "build for this computer's GPU/CPU, restart Slicer and try again")
+    if install_torch() is None:
+        raise MissingDependenciesError("PyTorch Utils could not install PyTorch")
+
+
 def install_dependencies(
     requirements: str,
     pip_install: Callable[[list[str]], object],
@@ -76,13 +132,7 @@ def install_dependencies(
     and how to install by hand; ``missing()`` says what is still missing afterwards."""
     constraints = None
     try:
-        if importlib.util.find_spec("torch") is None:
-            if install_torch is None:
-                raise MissingDependenciesError(
-                    "PyTorch is missing: install the PyTorch extension (Extensions Manager), which installs the "
-                    "build for this computer's GPU/CPU, restart Slicer and try again")
-            if install_torch() is None:
-                raise MissingDependenciesError("PyTorch Utils could not install PyTorch")
+        ensure_torch(install_torch)
         constraints = constraints_file()
         pip_install(["-r", requirements] + (["-c", constraints] if constraints else []))
     except MissingDependenciesError:

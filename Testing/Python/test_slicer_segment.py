@@ -273,3 +273,25 @@ def test_every_module_file_parses_as_python_3_9_and_the_repository_has_a_license
     for path in files:
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
     assert "Apache License" in (REPO / "LICENSE").read_text()
+
+
+def test_pip_runs_in_a_background_process_with_the_installed_torch_pinned(monkeypatch):
+    import time
+
+    from OAIMSSegment import dependencies
+
+    process = dependencies.BackgroundProcess([sys.executable, "-c", "print('one'); print('two')"])
+    lines, code, deadline = [], None, time.monotonic() + 60
+    while code is None and time.monotonic() < deadline:  # the caller (a QTimer in the panel) polls
+        new, code = process.poll()
+        lines += new
+        time.sleep(0.01)
+    assert lines == ["one", "two"] and code == 0
+    seen: dict = {}
+    monkeypatch.setattr(dependencies, "BackgroundProcess",
+                        lambda command, on_exit: seen.update(command=command, pins=Path(command[-1]).read_text(), exit=on_exit))
+    dependencies.pip_in_background("PythonSlicer", "requirements.txt")
+    assert seen["command"][:7] == ["PythonSlicer", "-m", "pip", "install", "-r", "requirements.txt", "-c"]
+    assert "torch==" in seen["pins"] and "numpy==" in seen["pins"]
+    seen["exit"]()
+    assert not Path(seen["command"][-1]).exists()  # the constraints file goes once pip is done
