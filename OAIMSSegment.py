@@ -1,14 +1,9 @@
 """OAIMSSegment: click-guided segmentation in 3D Slicer that adapts its model online (OAIMS).
 
-Clinicians place foreground / background points in slice views; each click segments the 2D
-slice through it with a click-guided U-Net, which adapts after every click (Mid-Interaction,
-MI) and when the segment is accepted (Post-Interaction, PI); adapted weights are saved per
-site. Method: Xu et al., "You Point, I Learn: Online Adaptation of Interactive Segmentation
-Models for Handling Distribution Shifts in Medical Imaging".
-
-Layout: :class:`OAIMSSegmentLogic` (scriptable from the Python console) reads and writes MRML
-and runs each action in threading phases; :class:`OAIMSSegmentWidget` only connects Qt to it;
-the engine (``OAIMSSegment/``: site_session, session, model, store, next_steps, mrml) does the work.
+Each click segments the 2D slice through it with a click-guided U-Net that adapts after every click
+(MI) and when the segment is accepted (PI); adapted weights are saved per site (Xu et al., OAIMS).
+:class:`OAIMSSegmentLogic` (scriptable) reads and writes MRML in job phases; :class:`OAIMSSegmentWidget`
+is Qt glue over ``OAIMSSegment/module_state.py``; the engine (``OAIMSSegment/``) does the work.
 """
 
 import os
@@ -21,11 +16,8 @@ import os
 __path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "OAIMSSegment")]
 
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-import ctk
 import numpy as np
 import qt
 import slicer
@@ -38,6 +30,9 @@ from slicer.util import VTKObservationMixin
 from OAIMSSegment import dependencies, mrml
 from OAIMSSegment.dependencies import MissingDependenciesError
 from OAIMSSegment.errors import OAIMSError, SessionStateError
+from OAIMSSegment.module_state import EditorUndo, Job, Marker, PanelController, compute_job
+from OAIMSSegment.runner import JobRunner
+from OAIMSSegment.segment_session import SliceEdits
 
 #: Name of the site used until the user picks one.
 DEFAULT_SITE = "default"
@@ -73,34 +68,13 @@ class OAIMSSegment(ScriptedLoadableModule):
         )
 
 
-@dataclass
-class Job:
-    """One action (``kind``: click, undo, accept or discard) in three phases: ``prepare*`` makes it
-    (main thread: reads MRML, updates what is open), :meth:`OAIMSSegmentLogic.compute` runs it in the
-    engine (worker: fills ``report`` and ``mask``, or ``error``), :meth:`OAIMSSegmentLogic.apply`
-    shows it (main thread: writes MRML). Every prepared job is applied, in order."""
-
-    kind: str
-    slice: Optional[mrml.SegmentedSlice]  # the slice it acts on (None: a discard with nothing open)
-    label: int = 0
-    location: Optional[mrml.SliceLocation] = None  # where a click is
-    newImage: bool = False  # a click that opens a new image (the open one is accepted or dropped first)
-    acceptMask: Optional[np.ndarray] = None  # the picked proposal that an accept adapts to
-    settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the image opens or closes
-    report: dict = field(default_factory=dict)
-    mask: Optional[np.ndarray] = None  # the class map to show on the slice
-    error: Optional[Exception] = None
-
-
 class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     """All behaviour of the module, usable without a GUI (docs/SLICER.md, "Scripting API"). Everything
     about the site (versions, accept, rollback, export...) is the engine's SiteSession; this reads and writes MRML.
 
-    Threading: each action is a :class:`Job`, so that a GUI can run :meth:`compute` on a worker.
-    What is open (volume, segmentation, segments, the slice, the clicks on it) is main-thread
-    state, updated when a job is *queued*: a click queued on the open slice joins its image even
-    before the clicks ahead of it have run. The worker touches only the engine session; the main
-    thread reads the session only while no job is pending. :meth:`addClick`, :meth:`undoClick`,
+    Threading: each action is a :class:`Job`, so that a GUI can run :meth:`compute` on a worker. What is
+    open (volume, segmentation, segments, the worked slices, clicks queued) is main-thread state updated
+    when a job is *queued*; the worker touches only the engine. :meth:`addClick`, :meth:`undoClick`,
     :meth:`accept` and :meth:`discard` run all three phases at once.
     """
 
@@ -122,9 +96,13 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.volumeNode = None  # the volume being segmented (None before startSegment)
         self.segmentationNode = None  # the segmentation being written
         self._classSegments: dict[int, str] = {}
-        self._open: Optional[mrml.SegmentedSlice] = None  # the image being segmented
-        self._clicks = 0  # clicks queued on it
+        self._worked: dict = {}  # {(axis, index): (SegmentedSlice, SliceEdits)}: the segment's slices
+        self._queued: dict = {}  # {(axis, index): clicks queued on it}
+        self._open: Optional[tuple] = None  # (axis, index) of the open image
         self._pending = 0  # jobs prepared and not yet applied
+        self._work = None  # SegmentWork on the site (worker side)
+        #: Called on the main thread just before a click writes its slice (the panel saves a Segment Editor undo state).
+        self.beforeWrite: Callable[[], None] = lambda: None
 
     # -- where things live, dependencies (OAIMSSegment/dependencies.py) ---------------------------
     @staticmethod
@@ -148,13 +126,24 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def installDependencies(self) -> None:
         """Install the engine's packages: PyTorch through the PyTorch Utils extension when it is
         installed (it picks the right CUDA/CPU build), then the rest with pip."""
+        dependencies.install_dependencies(self.requirementsPath(), slicer.util.pip_install, self._torchInstaller(), self.missingDependencies)
+
+    @staticmethod
+    def _torchInstaller() -> Optional[Callable[[], Any]]:
         try:
             import PyTorchUtils  # the "PyTorch" extension
-
-            installTorch = lambda: PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)  # noqa: E731
         except ImportError:
-            installTorch = None
-        dependencies.install_dependencies(self.requirementsPath(), slicer.util.pip_install, installTorch, self.missingDependencies)
+            return None
+        return lambda: PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+
+    def installInBackground(self):
+        """Install torch through PyTorch Utils if missing (never pip), then the rest with pip in a separate
+        process; returns its :class:`dependencies.BackgroundProcess` (poll it for output and the exit code)."""
+        import shutil
+        import sys
+
+        dependencies.ensure_torch(self._torchInstaller())
+        return dependencies.pip_in_background(shutil.which("PythonSlicer") or sys.executable, self.requirementsPath())
 
     def setupPythonRequirements(self, confirm: Optional[Callable[[str], bool]] = None) -> None:
         """Make sure the engine can be imported; install missing packages only if ``confirm(message)``
@@ -163,11 +152,9 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -- model, site, settings ----------------------------------------------------------------
     @staticmethod
-    def availableModels() -> list:
-        """Cards of the shipped models (``Resources/Models``)."""
-        from OAIMSSegment.model import list_models
-
-        return list_models()
+    def availableModels() -> list[dict]:
+        """Cards (JSON dicts: ``name``, ``task``, ``image_channels``, ``labels``...) of the shipped models; no torch needed."""
+        return dependencies.model_cards()
 
     @property
     def session(self):
@@ -187,15 +174,17 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         from OAIMSSegment.model import load_model
         from OAIMSSegment.next_steps import NextSteps
         from OAIMSSegment.session import InteractiveSession
+        from OAIMSSegment.segment_session import SegmentWork
         from OAIMSSegment.site_session import SiteSession
 
         self._requireIdle()
-        self._closeImage()
+        self.abandonSegment()
         model = load_model(nameOrPath)
         self.adaptOverrides.pop("lr", None)
         self.modelName = str(nameOrPath)
         self._settingsChanged = True
         self._site = SiteSession(InteractiveSession(model, *self._takeSettings()), self.storeFolder, self.siteName)
+        self._work = SegmentWork(self._site)
         self._nextSteps = NextSteps(self.proposalModelName)
         self.activeClass = 1
         return model.card
@@ -214,7 +203,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def _reopenSite(self, **where: str) -> None:
         if self._site is not None:
             self._requireIdle()
-            self._closeImage()
+            self.abandonSegment()
             self._site.open(**where)
 
     def sites(self) -> list[str]:
@@ -225,10 +214,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     def setAdaptation(self, mi: Optional[bool] = None, pi: Optional[bool] = None, sigma: Optional[float] = None,
                       beta: Optional[float] = None, lr: Optional[float] = None, clickLabel: Optional[bool] = None) -> None:
-        """Switch MI / PI and set CCG sigma and beta and the learning rate. ``clickLabel``: our MI extension
-        (off, as in the paper, by default): MI's pseudo label takes the clicked class within sigma of the
-        click (docs/BENCHMARKS.md, 9.1). Takes effect now or, while an image is open or work is queued,
-        when it is accepted or discarded (an image is adapted under one set of rules)."""
+        """Switch MI / PI, set CCG sigma, beta, the learning rate and ``clickLabel`` (our MI extension, off by
+        default: docs/BENCHMARKS.md, 9.1). Takes effect now or when the segment in progress closes."""
         if mi is not None:
             self.mi = bool(mi)
         if pi is not None:
@@ -239,7 +226,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         if clickLabel is not None:
             self.adaptOverrides["mi_click_label"] = bool(clickLabel)
         self._settingsChanged = True
-        if self._site is not None and self._open is None and not self._pending:
+        if self._site is not None and not self._worked and not self._pending:
             self._site.session.reconfigure(*self._takeSettings())
 
     def _takeSettings(self) -> Optional[tuple]:
@@ -288,8 +275,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def _siteAction(self, name: str, *args):
         self._requireSession()
         self._requireIdle()
-        if self._open is not None:
-            raise SessionStateError("accept or discard the current image first")
+        if self._worked:
+            raise SessionStateError("accept or discard the current segment first")
         return getattr(self._site, name)(*args)
 
     def resetSiteModel(self) -> dict:
@@ -313,62 +300,83 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     # -- segments -----------------------------------------------------------------------------
     def startSegment(self, volumeNode, segmentationNode, segmentId: Optional[str] = None) -> dict[int, str]:
-        """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}``: one
-        segment per foreground class, ``segmentId`` for class 1 if given, the others found by class name
-        or created. An image still open is accepted first (moving on means it is done). Raises
-        InvalidImageError when the volume does not fit the model."""
+        """Segment ``volumeNode`` into ``segmentationNode``; returns ``{class index: segment ID}`` (``segmentId``
+        for class 1 if given, the others by class name or created). Unaccepted work is abandoned (kept, not
+        adapted). Raises InvalidImageError when the volume does not fit the model."""
         session = self._requireSession()
         self._requireIdle()
         mrml.check_volume_for_model(volumeNode, session.card.image_channels, f"model '{session.card.name}'")
-        if self._clicks:
-            self.accept()
-        self._closeImage()
+        self.abandonSegment()
         mrml.prepare_segmentation(segmentationNode, volumeNode)
         classSegments = mrml.class_segments(segmentationNode, session.card.labels, segmentId)
         self.volumeNode, self.segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
         return dict(classSegments)
 
-    def _closeImage(self) -> None:
-        """Discard an open image (the model, site or segment changes under it)."""
-        if self._open is not None:
-            self.discard()
+    def abandonSegment(self) -> None:
+        """Keep the segment's slices as they are and revert its model updates: no PI, nothing saved
+        (another volume, segmentation or segment is chosen, a node is deleted, the scene closes)."""
+        if self._worked and self._site is not None:
+            self.discard(revertSlices=False)
+        self._worked, self._queued, self._open = {}, {}, None
+
+    def forgetNodes(self) -> None:
+        """:meth:`abandonSegment` and forget the volume and segmentation (the scene closes, a node is deleted)."""
+        self.abandonSegment()
+        self.volumeNode, self.segmentationNode, self._classSegments = None, None, {}
+
+    @property
+    def segmentId(self) -> Optional[str]:
+        """The segment being drawn (class 1's), None before :meth:`startSegment`."""
+        return self._classSegments.get(1)
+
+    @property
+    def workedSlices(self) -> list:
+        """``(axis, index)`` of the segment's slices that hold clicks, in the order they were opened."""
+        return [key for key, clicks in self._queued.items() if clicks]
 
     # -- jobs: prepare (main thread) ------------------------------------------------------------
     def prepareClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                      label: Optional[int] = None) -> Job:
-        """Main thread: locate a click and, when it opens a new image (no image open, or another
-        slice), read that slice and what the segments hold there. See :meth:`addClick`."""
+        """Main thread: locate a click; on another slice, make it the open image (read once). See :meth:`addClick`."""
         self._requireSession()
         if self.volumeNode is None:
             raise SessionStateError("choose a volume and segment first (startSegment)")
         location = mrml.locate_click(self.volumeNode, rasPoint, sliceOrientation)
-        job = Job("click", self._open, int(label) if label is not None else (self.activeClass if positive else 0), location)
-        if self._open is None or not location.same_slice(self._open.location):
-            job.slice = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
-            job.newImage, job.acceptMask, job.settings = True, self._nextSteps.picked, self._takeSettings()
-            self._open, self._clicks = job.slice, 0
-        self._clicks += 1
+        key = (location.axis, location.index)
+        job = Job("click", None, int(label) if label is not None else (self.activeClass if positive else 0), location)
+        if key != self._open:
+            if key not in self._worked:
+                read = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
+                self._worked[key], self._queued[key] = (read, SliceEdits(location.shape)), 0
+            job.newImage, job.settings = True, None if self.workedSlices else self._takeSettings()
+            self._open = key
+        job.slice, job.edits = self._worked[key]
+        self._queued[key] += 1
         return self._queue(job)
 
-    def prepareUndo(self) -> Job:
-        """Main thread: queue removing the last click (and its MI update)."""
-        if not self._clicks:
+    def prepareUndo(self, restoreSlice: bool = True) -> Job:
+        """Main thread: queue removing the open slice's last click (and its MI update). ``restoreSlice``
+        False leaves the slice to the caller (the panel restores it with the Segment Editor's undo)."""
+        if not self._queued.get(self._open):
             raise SessionStateError("there is no click to undo")
-        self._clicks -= 1
-        return self._queue(Job("undo", self._open))
+        self._queued[self._open] -= 1
+        slice_, edits = self._worked[self._open]
+        return self._queue(Job("undo", slice_, edits=edits, restoreSlice=restoreSlice))
 
     def prepareAccept(self) -> Job:
-        """Main thread: queue accepting the open image (PI, new site version)."""
-        if not self._clicks:
+        """Main thread: queue accepting the segment: PI once per worked slice on what it holds now, one site version."""
+        if not self.workedSlices:
             raise SessionStateError("nothing to accept: click in a slice first")
-        return self._close(Job("accept", self._open, acceptMask=self._nextSteps.picked, settings=self._takeSettings()))
+        finals = {key: self._worked[key][0].read_classes() for key in self.workedSlices}
+        return self._close(Job("accept", None, finals=finals, settings=self._takeSettings()))
 
-    def prepareDiscard(self) -> Job:
-        """Main thread: queue dropping the open image and every update it caused."""
-        return self._close(Job("discard", self._open, settings=self._takeSettings()))
+    def prepareDiscard(self, revertSlices: bool = False) -> Job:
+        """Main thread: queue dropping the segment's model updates (``revertSlices``: and its slices' content)."""
+        slices = [self._worked[key][0] for key in self._worked] if revertSlices else []
+        return self._close(Job("discard", None, slices=slices, settings=self._takeSettings()))
 
     def _close(self, job: Job) -> Job:
-        self._open, self._clicks = None, 0
+        self._worked, self._queued, self._open = {}, {}, None
         return self._queue(job)
 
     def _queue(self, job: Job) -> Job:
@@ -380,73 +388,55 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     # -- jobs: compute (worker; the engine only, no MRML) -------------------------------------------
     def compute(self, job: Job) -> Job:
         """Worker: run ``job`` in the engine. An error is kept in ``job.error`` for :meth:`apply` to raise."""
-        site, session = self._site, self._site.session
-        try:
-            if job.kind == "click":
-                previous = site.start(job.slice.image, job.acceptMask, job.settings) if job.newImage else None
-                result, location = session.add_click(job.location.position, job.label), job.location
-                job.mask, job.report = result.mask, {
-                    "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
-                    "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
-                    "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(session.clicks),
-                    "foregroundPixels": int((result.mask > 0).sum()), "previousImage": previous and self._acceptReport(previous),
-                }
-            elif job.kind == "undo":
-                job.mask = session.undo()
-                job.report = {"clicks": len(session.clicks)}
-            elif job.kind == "accept":
-                job.report = self._acceptReport(site.close(True, job.acceptMask, job.settings))
-            else:
-                site.close(False, settings=job.settings)
-        except Exception as error:  # raised again on the main thread by apply()
-            job.error = error
-        return job
-
-    @staticmethod
-    def _acceptReport(accepted) -> dict:
-        outcome = accepted.outcome
-        return {"applied": outcome.applied, "reason": outcome.reason, "latencyMs": outcome.latency_ms,
-                "losses": dict(outcome.losses), "clicks": outcome.clicks, "saved": accepted.saved,
-                "version": accepted.version, "message": accepted.message}
+        return compute_job(self._work, job)
 
     # -- jobs: apply (main thread) ------------------------------------------------------------------
     def apply(self, job: Job) -> dict:
-        """Main thread: show ``job``'s result on its slice and return its report, or raise the error
-        :meth:`compute` met (then, once no job is pending, what is open is read back from the session)."""
+        """Main thread: show ``job``'s result and return its report, or raise the error :meth:`compute`
+        met (then, once no job is pending, the open slice's click count is read back from the session)."""
         self._pending -= 1
         if job.error is not None:
-            if not self._pending:
-                active = self._site.session.active
-                self._open, self._clicks = (job.slice, len(self._site.session.clicks)) if active else (None, 0)
+            if not self._pending and self._open is not None:
+                session = self._site.session
+                self._queued[self._open] = len(session.clicks) if session.active else 0
+                if not session.active:
+                    self._open = None
             raise job.error
         self._removeProposalSegments()
-        if job.mask is not None:
-            job.slice.write(job.mask)
-        elif job.kind in ("undo", "discard") and job.slice is not None:
-            job.slice.restore()  # undo of the first click, or discard: the slice as it was
+        if job.kind == "click":
+            merged = job.edits.merge(job.mask, job.slice.read_classes(), job.location.position)
+            self.beforeWrite()
+            job.slice.write(merged)
+        elif job.kind == "undo":
+            content = job.edits.undo()
+            if job.restoreSlice:
+                job.slice.write(content)
+        for slice_ in job.slices:
+            slice_.restore()
         return job.report
 
     def addClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                  label: Optional[int] = None) -> dict:
         """Click at world RAS ``rasPoint`` in a view of ``sliceOrientation`` (``"Axial"``, ``"Coronal"``,
         ``"Sagittal"`` or the view's slice node): ``positive`` adds the active class, else background
-        (``label`` sets the class). A click on another slice opens a new image, accepting the previous
-        one. Returns latencyMs, adaptMs, loss, label, ijk, pixel, sliceAxis, sliceIndex, newImage,
-        clicks, foregroundPixels and previousImage (the accept report of the image it finished, or None)."""
+        (``label`` sets the class). Manual edits stay, except within ``EDIT_OVERRIDE_RADIUS_PX`` of the click;
+        another slice keeps the previous one as it is. Returns latencyMs, adaptMs, loss, label, ijk, pixel,
+        sliceAxis, sliceIndex, newImage, clicks (on this slice) and foregroundPixels (of the prediction)."""
         return self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
 
-    def undoClick(self) -> dict:
-        """Undo the last click and its MI update. Returns ``{"clicks": clicks left}``."""
-        return self.apply(self.compute(self.prepareUndo()))
+    def undoClick(self, restoreSlice: bool = True) -> dict:
+        """Undo the open slice's last click and its MI update (the slice gets back what it held). -> ``{"clicks": n}``."""
+        return self.apply(self.compute(self.prepareUndo(restoreSlice)))
 
     def accept(self) -> dict:
-        """Accept the segment on the current slice: PI, and a new site version saved. Returns applied, reason,
-        latencyMs, losses, clicks, saved, version and a message for the user (saying so when saving failed)."""
+        """Accept the segment: PI once per slice with clicks, on what that slice holds now (paint and
+        erase included), and one new site version. Returns version, saved, message, latencyMs, clicks and
+        slices: ``[{"sliceIndex", "acceptedPixels", "applied", "reason"}, ...]``."""
         return self.apply(self.compute(self.prepareAccept()))
 
-    def discard(self) -> dict:
-        """Discard the current slice's clicks: the segment and the model go back to how they were."""
-        return self.apply(self.compute(self.prepareDiscard()))
+    def discard(self, revertSlices: bool = False) -> dict:
+        """Revert the segment's model updates; ``revertSlices`` also puts its slices back as they were."""
+        return self.apply(self.compute(self.prepareDiscard(revertSlices)))
 
     # -- proposals (OAIMSSegment/next_steps.py) -------------------------------------------------
     def setProposalModel(self, nameOrPath: str) -> None:
@@ -460,22 +450,22 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         segments. Returns their segment IDs; :meth:`pickProposal` makes one the current mask."""
         session = self._requireSession()
         self._requireIdle()
-        image = self._open.image if self._open is not None else None
-        proposals = self._nextSteps.propose(session, image, self.activeClass, k, seed)
+        model = self._work.openImage  # (image, InPlaneGrid): proposals are made on the model's grid
+        proposals = self._nextSteps.propose(session, model and model[0], self.activeClass, k, seed)
         self._removeProposalSegments()
         segmentIds = []
         for number, proposal in enumerate(proposals, start=1):
             segmentIds.append(mrml.ensure_segment(self.segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}"))
-            self._open.write(proposal.astype(np.uint8), {1: segmentIds[-1]})
+            self._worked[self._open][0].write(model[1].mask_from_model(proposal).astype(np.uint8), {1: segmentIds[-1]})
         return segmentIds
 
     def pickProposal(self, index: int) -> dict:
         """Make proposal ``index`` (0-based) the current mask of the active class; Accept then adapts to it."""
         session = self._requireSession()
         self._requireIdle()
-        mask = self._nextSteps.pick(session, index, self.activeClass)
+        mask = self._work.openImage[1].mask_from_model(self._nextSteps.pick(session, index, self.activeClass))
         self._removeProposalSegments()
-        self._open.write(mask)
+        self._worked[self._open][0].write(mask)
         return {"foregroundPixels": int((mask > 0).sum())}
 
     def _removeProposalSegments(self) -> None:
@@ -484,54 +474,55 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt front end: forwards user actions to the Logic; each action's compute phase runs on one worker thread."""
-
-    #: Show the busy indicator only when work takes longer than this (seconds).
-    BUSY_DELAY_S = 1.0
+    """Qt glue only: the panel's behaviour is :class:`OAIMSSegment.module_state.PanelController`."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._executor = None
-        self._jobs: list = []  # (future of Logic.compute, started) in submission order
+        self.logic = self.controller = None
         self._pointLists: dict[bool, Any] = {}
-        self._placed: list = []  # (point list, control point index) per click, for undo
+        self._shortcuts: list = []
+        self._stopObserving: Callable[[], Any] = lambda: None
 
     def setup(self) -> None:
-        import concurrent.futures
-
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/OAIMSSegment.ui"))
         self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.ui = ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = OAIMSSegmentLogic(storeFolder=qt.QSettings().value("OAIMSSegment/StoreFolder") or None)
-        # One persistent worker: the engine's session is not thread-safe and clicks must run in order.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="OAIMSSegment")
-        self._timer = qt.QTimer()
-        self._timer.setInterval(50)
-        self._timer.connect("timeout()", self._poll)
-
-        self.ui.storeFolderPathLineEdit.currentPath = self.logic.storeFolder
-        self.ui.siteComboBox.addItem(DEFAULT_SITE)
-        self.ui.advancedCollapsibleButton.collapsed = True
-        self.ui.busyProgressBar.visible = False
-
-        ui = self.ui
+        settings = qt.QSettings()
+        self.logic = OAIMSSegmentLogic(storeFolder=settings.value("OAIMSSegment/StoreFolder") or None)
+        # Segment Editor beside the tool (paint, erase, smoothing), on the singleton node so that
+        # selections carry over to the Segment Editor module; its undo is ours (Ctrl+Z, Undo).
+        self.editor = slicer.qMRMLSegmentEditorWidget()
+        self.editor.setMaximumNumberOfUndoStates(10)
+        self.editor.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
+        self.editor.setMRMLScene(slicer.mrmlScene)
+        self.editor.setUndoEnabled(False)
+        for widget in (ui.inputVolumeSelector, ui.segmentSelectorWidget, ui.inputsLabel0, ui.inputsLabel1):
+            widget.visible = False
+        newSegmentation = qt.QPushButton("New segmentation")
+        ui.inputsCollapsibleButton.layout().addRow(newSegmentation)
+        ui.inputsCollapsibleButton.layout().addRow(self.editor)
+        pump = lambda: slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)  # noqa: E731
+        self.controller = PanelController(self.logic, JobRunner(pump), EditorUndo(self.editor, lambda: mrml.segment_stamp(
+            self.logic.segmentationNode, self.logic.segmentId)), self._status)
+        ui.siteComboBox.editable, ui.siteComboBox.insertPolicy = True, qt.QComboBox.NoInsert
+        ui.storeFolderPathLineEdit.currentPath = self.logic.storeFolder
+        ui.advancedCollapsibleButton.collapsed, ui.busyProgressBar.visible = True, False
+        storeEdit = slicer.util.findChildren(ui.storeFolderPathLineEdit, className="QLineEdit")[0]
         for widget, signal, slot in (
             (ui.modelComboBox, "currentIndexChanged(int)", self.onModelChanged),
-            (ui.siteComboBox, "currentTextChanged(QString)", self.onSiteChanged),
-            (ui.storeFolderPathLineEdit, "currentPathChanged(QString)", self.onStoreFolderChanged),
-            (ui.inputVolumeSelector, "currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged),
-            (ui.segmentSelectorWidget, "currentSegmentChanged(QString)", self.onInputsChanged),
+            (ui.siteComboBox, "activated(int)", lambda index: self._commitSite()),
+            (ui.siteComboBox.lineEdit(), "editingFinished()", self._commitSite),
+            (storeEdit, "editingFinished()", self._commitStore),
+            (newSegmentation, "clicked(bool)", self.onNewSegmentation),
             (ui.classComboBox, "currentIndexChanged(int)", self.onClassChanged),
             *((box, "toggled(bool)", self.onAdaptationChanged) for box in (ui.miCheckBox, ui.piCheckBox, ui.clickLabelCheckBox)),
             *((box, "valueChanged(double)", self.onAdaptationChanged) for box in (ui.sigmaSpinBox, ui.betaSpinBox, ui.lrSpinBox)),
-            (ui.undoButton, "clicked(bool)", lambda: self._queue(self.logic.prepareUndo, self._unplaceLast)),
-            (ui.acceptButton, "clicked(bool)", lambda: self._queue(self.logic.prepareAccept)),
-            (ui.discardButton, "clicked(bool)", lambda: self._queue(self.logic.prepareDiscard, self._clearPoints)),
+            (ui.undoButton, "clicked(bool)", lambda: self._do(self.controller.undo)),
+            (ui.acceptButton, "clicked(bool)", self.onAccept),
+            (ui.discardButton, "clicked(bool)", self.onDiscard),
             (ui.resetSiteButton, "clicked(bool)", self.onResetSite),
             (ui.rollbackButton, "clicked(bool)", lambda: self._runNow(self.logic.rollbackSiteModel, int(ui.rollbackSpinBox.value))),
             (ui.exportButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getSaveFileName, "Export", self.logic.exportSiteModel)),
@@ -540,147 +531,158 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (ui.pickProposalButton, "clicked(bool)", lambda: self._runNow(self.logic.pickProposal, int(ui.proposalIndexSpinBox.value) - 1)),
         ):
             widget.connect(signal, slot)
+        for key, action in (("f", lambda: self._place(True)), ("b", lambda: self._place(False)), ("Ctrl+Z", ui.undoButton.click),
+                            ("Ctrl+Return", self.onAccept), ("Ctrl+Backspace", self.onDiscard)):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.enabled = False  # live only while the module is entered
+            shortcut.connect("activated()", action)
+            self._shortcuts.append(shortcut)
+        self.addObserver(mrml.segment_editor_node(slicer.mrmlScene), vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
+        self._stopObserving = mrml.observe_scene(slicer.mrmlScene, self._onSceneClose, self.controller.nodeRemoved)
         self._listModels()
-        self._updateSiteInfo()
+        self._listSites(settings.value("OAIMSSegment/Site") or DEFAULT_SITE)
+        self._commitSite()
 
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        self._stopObserving()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+
+    def enter(self) -> None:
+        for positive in (True, False):
+            self._pointList(positive)
+        for shortcut in self._shortcuts:
+            shortcut.enabled = True
+        if self.editor.sourceVolumeNode() is None:
+            composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+            self.editor.setSourceVolumeNodeID(composite.GetBackgroundVolumeID())
+        self._refresh()
+
+    def exit(self) -> None:
+        for widget in (self.ui.foregroundPlaceWidget, self.ui.backgroundPlaceWidget):
+            widget.setPlaceModeEnabled(False)
+        for shortcut in self._shortcuts:
+            shortcut.enabled = False
+
+    def _onSceneClose(self) -> None:
+        self.exit()
+        self.controller.sceneClosing()
 
     def _pointList(self, positive: bool):
         """The markups point list of foreground (``positive``) or background clicks, created on demand."""
         node = self._pointLists.get(positive)
         if node is None or node.GetScene() is None:
-            node = mrml.click_point_list(slicer.mrmlScene, positive)
-            self.addObserver(node, node.PointPositionDefinedEvent, lambda caller, event, p=positive: self.onPointPlaced(p))
-            self._pointLists[positive] = node
+            node = self._pointLists[positive] = mrml.click_point_list(slicer.mrmlScene, positive)
+            self.addObserver(node, node.PointPositionDefinedEvent, self.onPointDefined)
             widget = self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget
             widget.setMRMLScene(slicer.mrmlScene)
             widget.setCurrentNode(node)
             widget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         return node
 
-    def enter(self) -> None:
-        self._pointList(True)
-        self._pointList(False)
+    def _place(self, positive: bool) -> None:
+        self._pointList(positive)
+        (self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget).setPlaceModeEnabled(True)
 
-    def onPointPlaced(self, positive: bool) -> None:
-        node = self._pointLists[positive]
-        index = node.GetNumberOfControlPoints() - 1
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPointDefined(self, node, event, index=None) -> None:
+        index = node.GetNumberOfControlPoints() - 1 if index is None else index  # None: a batched event
+        node.SetNthControlPointLocked(index, True)
         ras, sliceNode = mrml.placed_point(slicer.mrmlScene, node, index)
-        try:
-            self._ensureSegmentStarted()
-            job = self.logic.prepareClick(ras, positive, sliceNode or "Axial")
-        except OAIMSError as error:
-            node.RemoveNthControlPoint(index)
-            self._showError(error)
-            return
-        self._placed.append((node, index))
-        self._submit(job)
+        pointId = node.GetNthControlPointID(index)
+        marker = Marker(lambda: node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(pointId)))
+        self._do(lambda: self.controller.click(ras, node is self._pointLists.get(True), sliceNode or "Axial", marker))
 
-    def _ensureSegmentStarted(self) -> None:
-        volume = self.ui.inputVolumeSelector.currentNode()
-        segmentation = self.ui.segmentSelectorWidget.currentNode()
-        if self.logic.card is None or volume is None or segmentation is None:
-            raise OAIMSError("Choose a model, an input volume and a segmentation first.")
-        if self.logic.volumeNode is not volume or self.logic.segmentationNode is not segmentation:
-            self.logic.startSegment(volume, segmentation, self.ui.segmentSelectorWidget.currentSegmentID() or None)
+    def onEditorNodeModified(self, *_: Any) -> None:
+        node = self.editor.mrmlSegmentEditorNode()
+        self._do(lambda: self.controller.selectInputs(node.GetSourceVolumeNode(), node.GetSegmentationNode(), node.GetSelectedSegmentID()))
 
-    def _unplaceLast(self) -> None:
-        if self._placed:
-            node, index = self._placed.pop()
-            if index < node.GetNumberOfControlPoints():
-                node.RemoveNthControlPoint(index)
+    def onNewSegmentation(self) -> None:
+        volume = self.editor.sourceVolumeNode()
+        if volume is None:
+            return self._status("Choose the volume to segment first (Source volume).")
+        name = next((n for n, i in sorted(self.logic.card.labels.items(), key=lambda kv: kv[1]) if i), "Segment") if self.logic.card else "Segment"
+        segmentation, segmentId = mrml.new_segmentation(slicer.mrmlScene, volume, name)
+        self.editor.setSegmentationNode(segmentation)
+        self.editor.setCurrentSegmentID(segmentId)
 
-    def _clearPoints(self) -> None:
-        for node in self._pointLists.values():
-            node.RemoveAllControlPoints()
-        self._placed.clear()
+    def onAccept(self) -> None:
+        self._do(self.controller.accept)
+        last = self.controller.last
+        if last.get("slices") and not last["saved"] and any(row["applied"] for row in last["slices"]):
+            slicer.util.warningDisplay(last["message"], windowTitle="OAIMS Segment")
 
-    def _queue(self, prepare: Callable[[], Job], then: Optional[Callable[[], None]] = None) -> None:
-        """Prepare a job on the main thread (refused with a message if it does not fit) and submit it."""
-        try:
-            job = prepare()
-        except OAIMSError as error:
-            self._showError(error)
-            return
-        if then is not None:
-            then()
-        self._submit(job)
+    def onDiscard(self) -> None:
+        if self.logic.workedSlices:
+            revert = slicer.util.confirmYesNoDisplay("Discard this segment's model updates. Also erase what the clicks drew on its slices?")
+            self._do(lambda: self.controller.discard(revertSlices=bool(revert)))
 
-    def _submit(self, job: Job) -> None:
-        """Run ``logic.compute(job)`` on the worker; :meth:`_poll` applies it on the main thread (MRML)."""
-        self._jobs.append((self._executor.submit(self.logic.compute, job), time.monotonic()))
-        self._setButtonsEnabled(False)
-        self._timer.start()
+    def _do(self, action: Callable[[], Any]) -> None:
+        action()
+        self._refresh()
 
-    def _poll(self) -> None:
-        while self._jobs and self._jobs[0][0].done():
-            job = self._jobs.pop(0)[0].result()
-            try:
-                self._show(job, self.logic.apply(job))
-            except Exception as error:  # shown to the user; the Logic's state is consistent
-                self._showError(error)
-        self.ui.busyProgressBar.visible = bool(self._jobs) and time.monotonic() - self._jobs[0][1] > self.BUSY_DELAY_S
-        if not self._jobs:
-            self._timer.stop()
-            self._setButtonsEnabled(True)
-            self._updateSiteInfo()
-
-    def _setButtonsEnabled(self, enabled: bool) -> None:
-        for button in (self.ui.undoButton, self.ui.acceptButton, self.ui.discardButton, self.ui.proposeButton,
-                       self.ui.pickProposalButton, self.ui.siteCollapsibleButton, self.ui.modelComboBox):
-            button.enabled = enabled
-
-    def _show(self, job: Job, report: dict) -> None:
-        if job.kind == "click":
-            self.ui.latencyLabel.text = (
-                f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), "
-                f"{report['clicks']} click(s) on slice {report['sliceAxis']}={report['sliceIndex']}"
-            )
-            if report["previousImage"]:
-                self.ui.statusLabel.text = f"Previous slice accepted: {report['previousImage']['message']}"
-        elif job.kind == "accept":
-            self._clearPoints()
-            self.ui.statusLabel.text = f"Accepted ({report['latencyMs']:.0f} ms): {report['message']}"
-            if not report["saved"] and report["applied"]:
-                slicer.util.warningDisplay(report["message"], windowTitle="OAIMS Segment")
-
-    def _showError(self, error: Union[Exception, str]) -> None:
-        self.ui.statusLabel.text = str(error)
-        logging.error(f"OAIMSSegment: {error}")
-
-    def _updateSiteInfo(self) -> None:
+    def _refresh(self) -> None:
+        enabled = self.controller.enabled()
+        ui = self.ui
+        for key, widgets in (("place", (ui.foregroundPlaceWidget, ui.backgroundPlaceWidget)), ("undo", (ui.undoButton,)),
+                             ("accept", (ui.acceptButton, ui.proposeButton, ui.pickProposalButton)), ("discard", (ui.discardButton,)),
+                             ("site", (ui.siteCollapsibleButton,)), ("model", (ui.modelComboBox, ui.classComboBox))):
+            for widget in widgets:
+                widget.enabled = enabled[key]
         info = self.logic.siteModelInfo()
         images = "unknown" if info["imagesAdapted"] is None else info["imagesAdapted"]
         text = f"Site '{info['site']}': version {info['version']}, images adapted: {images}"
-        self.ui.siteInfoLabel.text = text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
-        self.ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
+        ui.siteInfoLabel.text = text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
+        ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
+
+    def _status(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        logging.info(f"OAIMSSegment: {text}")
+
+    def _listSites(self, current: str) -> None:
+        combo = self.ui.siteComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for name in sorted(set(self.logic.sites()) | {DEFAULT_SITE, current}):
+            combo.addItem(name)
+        combo.setCurrentText(current)
+        combo.blockSignals(wasBlocked)
+
+    def _commitSite(self) -> None:
+        if self.controller.site.commit(self.ui.siteComboBox.currentText):
+            qt.QSettings().setValue("OAIMSSegment/Site", self.controller.site.value)
+        self._refresh()
+
+    def _commitStore(self) -> None:
+        if self.controller.store.commit(self.ui.storeFolderPathLineEdit.currentPath):
+            qt.QSettings().setValue("OAIMSSegment/StoreFolder", self.controller.store.value)
+            self._listSites(self.controller.site.value)
+        self._refresh()
 
     def _listModels(self) -> None:
         self.ui.modelComboBox.clear()
         self.ui.modelComboBox.addItem("(select a model)", "")
         if self.logic.missingDependencies():
             self.ui.modelComboBox.addItem("Install dependencies and list models...", "__install__")
-            return
         for card in self.logic.availableModels():
-            self.ui.modelComboBox.addItem(f"{card.name}: {card.task}", card.name)
+            self.ui.modelComboBox.addItem(f"{card['name']}: {card['task']}", card["name"])
 
     def onModelChanged(self, index: int) -> None:
         name = self.ui.modelComboBox.itemData(index)
         if name == "__install__":
-            try:
-                with slicer.util.WaitCursor():
-                    self.logic.setupPythonRequirements(confirm=slicer.util.confirmOkCancelDisplay)
-            except OAIMSError as error:
-                slicer.util.errorDisplay(str(error), windowTitle="OAIMS Segment")
-                return
-            self._listModels()
+            missing = self.logic.missingDependencies()
+            if missing and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(missing)}? This needs a network connection."):
+                if self._runNow(lambda: setattr(self, "_install", self.logic.installInBackground())):
+                    self._installTimer = qt.QTimer()
+                    self._installTimer.connect("timeout()", self._pollInstall)
+                    self._installTimer.start(200)  # pip runs in its own process: the panel stays live
             return
         if not name or not self._runNow(self.logic.setModel, name):
             return
-        self._clearPoints()
+        self.logic.forgetNodes()  # the new model's classes: the segment restarts at the next selection
+        self.onEditorNodeModified()
         self.ui.classComboBox.clear()
         for className, classIndex in sorted(self.logic.card.labels.items(), key=lambda item: item[1]):
             if classIndex:
@@ -692,17 +694,15 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             setattr(widget, value, settings[key])
             widget.blockSignals(wasBlocked)
 
-    def onSiteChanged(self, name: str) -> None:
-        if name:
-            self._runNow(self.logic.setSite, name)
-
-    def onStoreFolderChanged(self, path: str) -> None:
-        qt.QSettings().setValue("OAIMSSegment/StoreFolder", path)
-        self._runNow(self.logic.setStoreFolder, path)
-
-    def onInputsChanged(self, *_: Any) -> None:
-        # The Logic starts the segment lazily at the next click (see _ensureSegmentStarted).
-        self._clearPoints()
+    def _pollInstall(self) -> None:
+        lines, code = self._install.poll()
+        if lines:
+            self._status(lines[-1])
+        if code is not None:
+            self._installTimer.stop()
+            if code == 0 and slicer.util.confirmOkCancelDisplay("Packages installed. Restart Slicer now to use them?"):
+                slicer.util.restart()
+            self._status("Installed." if code == 0 else f"Installation failed (pip exit code {code}); see the Python console.")
 
     def onClassChanged(self, index: int) -> None:
         if index >= 0 and self.logic.card is not None:
@@ -725,10 +725,10 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 action(*args)
             return True
         except OAIMSError as error:
-            self._showError(error)
+            self._status(str(error))
             return False
         finally:
-            self._updateSiteInfo()
+            self._refresh()
 
     def onResetSite(self) -> None:
         if slicer.util.confirmOkCancelDisplay("Reset this site to the pretrained model? Saved versions are kept."):
@@ -752,16 +752,20 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
 
     def test_LogicWorkflow(self) -> None:
         import tempfile
+        import unittest
 
-        logic = OAIMSSegmentLogic(storeFolder=tempfile.mkdtemp(prefix="oaims-sites-"))
-        missing = logic.missingDependencies()
-        cards = [card for card in logic.availableModels() if card.image_channels == 1] if not missing else []
-        if not cards:
-            self.delayDisplay(f"Skipped: missing {', '.join(missing)}" if missing else
-                              "Skipped: no single-channel model is shipped in Resources/Models")
-            return
-        self.delayDisplay(f"Model {cards[0].name}")
-        logic.setModel(cards[0].name)
+        missing = OAIMSSegmentLogic.missingDependencies()
+        cards = [card for card in OAIMSSegmentLogic.availableModels() if card["image_channels"] == 1]
+        if missing or not cards:
+            reason = f"missing {', '.join(missing)}" if missing else "no single-channel model in Resources/Models"
+            self.delayDisplay(f"OAIMSSegmentTest SKIPPED: {reason}", msec=2000)
+            raise unittest.SkipTest(reason)
+        with tempfile.TemporaryDirectory(prefix="oaims-sites-") as store:  # no store is left behind
+            self._workflow(OAIMSSegmentLogic(storeFolder=store), cards[0]["name"])
+
+    def _workflow(self, logic: "OAIMSSegmentLogic", modelName: str) -> None:
+        self.delayDisplay(f"Model {modelName}")
+        logic.setModel(modelName)
         logic.setSite("selftest")
 
         # A bright ball in a 64^3 volume with anisotropic spacing and a non-trivial origin.
@@ -787,8 +791,9 @@ class OAIMSSegmentTest(ScriptedLoadableModuleTest):
         accepted = logic.accept()  # the second click's MI update changed the model: version 1
         self.delayDisplay(f"Accept: {accepted['message']}")
         self.assertTrue(accepted["saved"])
+        self.assertEqual([row["sliceIndex"] for row in accepted["slices"]], [32])
         resumed = OAIMSSegmentLogic(storeFolder=logic.storeFolder)
-        resumed.setModel(cards[0].name)
+        resumed.setModel(modelName)
         self.assertEqual(resumed.setSite("selftest")["version"], 1)
         logic.resetSiteModel()
         self.assertEqual(logic.siteModelInfo()["version"], 0)

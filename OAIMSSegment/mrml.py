@@ -39,6 +39,10 @@ ORIENTATION_NORMALS: dict[str, tuple[float, float, float]] = {
     "Sagittal": (1.0, 0.0, 0.0),
 }
 
+#: A view whose normal is more than this many degrees from every voxel axis is refused (an oblique
+#: reformat would be written into the nearest voxel plane, not where the clinician sees it).
+MAX_OFF_PLANE_DEGREES = 10.0
+
 #: What a caller may pass as a slice orientation: a name above or the slice node of the view.
 Orientation = Union[str, "slicer.vtkMRMLSliceNode"]
 
@@ -139,6 +143,29 @@ def slice_axis(volume_node: "slicer.vtkMRMLVolumeNode", orientation: Orientation
     return int(np.argmax(np.abs(view_normal(orientation) @ directions)))
 
 
+def off_plane_degrees(volume_node: "slicer.vtkMRMLVolumeNode", orientation: Orientation) -> float:
+    """Angle (degrees) between the view normal and the closest voxel axis of the volume (as Slicer's
+    ``qMRMLSegmentEditorWidget::updateSliceRotateWarningButtonVisibility`` compares slice and IJK axes)."""
+    directions = ijk_to_world(volume_node)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)
+    cosine = float(np.max(np.abs(view_normal(orientation) @ directions)))
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+def observe_scene(scene: "slicer.vtkMRMLScene", on_close, on_node_removed):
+    """Call ``on_close()`` when the scene starts closing and ``on_node_removed(node)`` before a node is
+    deleted outside a close; returns a function that removes both observers."""
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def removed(caller, event, node=None):
+        if not caller.IsClosing():  # a close is handled once, by on_close
+            on_node_removed(node)
+
+    tags = [scene.AddObserver(scene.StartCloseEvent, lambda caller, event: on_close()),
+            scene.AddObserver(scene.NodeAboutToBeRemovedEvent, removed)]
+    return lambda: [scene.RemoveObserver(tag) for tag in tags]
+
+
 def volume_dimensions(volume_node: "slicer.vtkMRMLVolumeNode") -> tuple[int, int, int]:
     """``(I, J, K)`` voxel counts of the volume."""
     image = volume_node.GetImageData()
@@ -160,6 +187,14 @@ def locate_click(volume_node: "slicer.vtkMRMLVolumeNode", ras: "np.ndarray | lis
             f"'{volume_node.GetName()}' (voxel {ijk}, size {dims})"
         )
     axis = slice_axis(volume_node, orientation)
+    if not isinstance(orientation, str):
+        angle = off_plane_degrees(volume_node, orientation)
+        if angle > MAX_OFF_PLANE_DEGREES:
+            raise InvalidClickError(
+                f"this view is {angle:.0f} degrees off the voxel planes of '{volume_node.GetName()}' "
+                f"(at most {MAX_OFF_PLANE_DEGREES:.0f} allowed); align the view with the volume "
+                "(slice view menu: 'Rotate to volume plane') and click again"
+            )
     rows_axis, cols_axis = _in_plane_axes(axis)
     return SliceLocation(
         axis=axis,
@@ -348,19 +383,28 @@ def write_slice_mask(
     extent = location.extent
     # MODE_REPLACE is not usable here: on segments that share a labelmap layer it clears the
     # whole segment, and otherwise it can crop the labelmap to the modifier. Instead, as the
-    # Segment Editor's effects do: erase the slice (minimum with zeros, only this segment's
-    # voxels), then add the new mask (masking). Both are confined to the slice's extent; a
-    # segment that would overwrite another one on its layer is moved to a layer of its own.
-    eraser = _oriented_slice_image(segmentation_node, volume_node, location, None)
-    for segment_id in class_segments.values():
-        if not logic.SetBinaryLabelmapToSegment(eraser, segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent):
-            raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
+    # Segment Editor's effects do, only the pixels that change are touched: those to clear with
+    # a minimum against a slice that is 0 there and 1 elsewhere, those to set with masking. Both
+    # are confined to the slice's extent; a segment that would overwrite another one on its
+    # layer is moved to a layer of its own. Pixels that keep their value are never rewritten.
     for label, segment_id in class_segments.items():
-        if not (mask == label).any():
-            continue
-        modifier = _oriented_slice_image(segmentation_node, volume_node, location, mask == label)
-        if not logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, logic.MODE_MERGE_MASK, extent):
-            raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
+        wanted = mask == label
+        held = read_slice_mask(segmentation_node, segment_id, volume_node, location)
+        for mode, values in ((logic.MODE_MERGE_MIN, ~(held & ~wanted)), (logic.MODE_MERGE_MASK, wanted & ~held)):
+            if (mode == logic.MODE_MERGE_MIN and values.all()) or (mode == logic.MODE_MERGE_MASK and not values.any()):
+                continue
+            modifier = _oriented_slice_image(segmentation_node, volume_node, location, values)
+            if not logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, mode, extent):
+                raise InvalidImageError(f"could not write segment '{segment_id}' of '{segmentation_node.GetName()}'")
+
+
+def read_slice_classes(segmentation_node: "slicer.vtkMRMLSegmentationNode", volume_node: "slicer.vtkMRMLVolumeNode",
+                       location: SliceLocation, class_segments: Mapping[int, str]) -> np.ndarray:
+    """The class map ``(H, W)`` uint8 the class segments hold on the slice now (a higher class wins an overlap)."""
+    classes = np.zeros(location.shape, np.uint8)
+    for label, segment_id in sorted(class_segments.items()):
+        classes[read_slice_mask(segmentation_node, segment_id, volume_node, location)] = label
+    return classes
 
 
 @dataclass(frozen=True)
@@ -371,6 +415,7 @@ class SegmentedSlice:
     Attributes:
         image: the slice's intensities, channels first ``(C, H, W)`` (:func:`extract_slice`).
         before: ``{class index: bool (H, W)}``, each class segment on the slice when it was read.
+        spacing: ``(row mm, col mm)`` of the slice's pixels (the volume's spacing along its in-plane axes).
     """
 
     volume_node: "slicer.vtkMRMLVolumeNode"
@@ -379,6 +424,7 @@ class SegmentedSlice:
     location: SliceLocation
     image: np.ndarray
     before: Mapping[int, np.ndarray]
+    spacing: tuple[float, float] = (1.0, 1.0)
 
     @classmethod
     def read(cls, volume_node, segmentation_node, class_segments: Mapping[int, str], location: SliceLocation) -> "SegmentedSlice":
@@ -386,11 +432,18 @@ class SegmentedSlice:
         before = {index: read_slice_mask(segmentation_node, segment_id, volume_node, location)
                   for index, segment_id in class_segments.items()}
         image = extract_slice(volume_node, location)
-        return cls(volume_node, segmentation_node, dict(class_segments), location, image, before)
+        spacing = volume_node.GetSpacing()
+        rows_axis, cols_axis = _in_plane_axes(location.axis)
+        return cls(volume_node, segmentation_node, dict(class_segments), location, image, before,
+                   (float(spacing[rows_axis]), float(spacing[cols_axis])))
 
     def write(self, mask: np.ndarray, class_segments: "Mapping[int, str] | None" = None) -> None:
         """:func:`write_slice_mask` on this slice (into ``class_segments``, default the class segments)."""
         write_slice_mask(self.segmentation_node, self.volume_node, self.location, mask, class_segments or self.class_segments)
+
+    def read_classes(self) -> np.ndarray:
+        """What the class segments hold on this slice now, as a class map ``(H, W)`` (paint and erase included)."""
+        return read_slice_classes(self.segmentation_node, self.volume_node, self.location, self.class_segments)
 
     def restore(self) -> None:
         """Put back what the class segments held on this slice when it was read."""
@@ -449,3 +502,31 @@ def closest_slice_node(scene: "slicer.vtkMRMLScene", ras: "np.ndarray | list[flo
         if distance < best_distance:
             best, best_distance = node, distance
     return best
+
+
+def segment_editor_node(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLSegmentEditorNode":
+    """The scene's singleton Segment Editor node (tag "SegmentEditor"), created if missing, as the
+    Segment Editor module does: sharing it keeps volume, segmentation and segment in step with it."""
+    node = scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+    if node is None:
+        if not scene.IsNodeClassRegistered("vtkMRMLSegmentEditorNode"):  # pure slicer-core: no Segmentations module
+            scene.RegisterNodeClass(slicer.vtkMRMLSegmentEditorNode())
+        node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+        node.UnRegister(None)
+        node.SetSingletonTag("SegmentEditor")
+        node = scene.AddNode(node)
+    return node
+
+
+def new_segmentation(scene: "slicer.vtkMRMLScene", volume_node: "slicer.vtkMRMLVolumeNode", segment_name: str):
+    """A new segmentation on the volume's grid with one empty segment; returns ``(node, segment ID)``."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
+    prepare_segmentation(node, volume_node)
+    return node, ensure_segment(node, segment_name)
+
+
+def segment_stamp(segmentation_node: "slicer.vtkMRMLSegmentationNode | None", segment_id: "str | None") -> int:
+    """A number that changes whenever the segment's labelmap changes (its MTime; 0 without a segment)."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segmentation_node and segment_id else None
+    labelmap = segment.GetRepresentation("Binary labelmap") if segment is not None else None
+    return int(labelmap.GetMTime()) if labelmap is not None else 0

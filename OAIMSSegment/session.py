@@ -267,6 +267,23 @@ class InteractiveSession:
         self._steps.append(ClickStep(original, click, snapshot, hard_labels(logits)[0], result))
         return result
 
+    def resume(self, image: np.ndarray, clicks: list[Click]) -> np.ndarray | None:
+        """Re-open an image segmented earlier with its ``clicks`` (original pixels) and their
+        predictions, **without** adapting (their MI steps were taken when they were made), e.g. to
+        accept it (PI) or click on it again. Returns the mask (None without clicks). An image still
+        open is discarded first, as by :meth:`start`; undoing a resumed click reverts no update."""
+        self.start(image)
+        for click in clicks:
+            started = time.perf_counter()
+            self._wclicks.append(self.model.working_click(self.prepared, Click(tuple(click.position), int(click.label))))
+            self._clicks.append(Click(tuple(int(round(float(v))) for v in click.position), int(click.label)))
+            self._snapshots.append(None)
+            with torch.no_grad():
+                logits = self._predict(self._wclicks)
+            self._working_labels.append(hard_labels(logits)[0])
+            self._results.append(self._result(logits, self._clicks[-1], started, 0.0, None))
+        return self.mask
+
     def undo(self) -> np.ndarray | None:
         """Remove the last click, revert the update it caused, and return the previous mask."""
         self._require_image()

@@ -223,6 +223,7 @@ try:
     logic.setModel('anything')
 except mod.MissingDependenciesError as error:
     print('refused', error)
+print('models', [card['name'] for card in logic.availableModels()])
 print('torch imported', 'torch' in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -230,6 +231,8 @@ print('torch imported', 'torch' in sys.modules)
     assert "missing ['torch', 'monai']" in done.stdout
     assert "refused missing Python packages: torch, monai" in done.stdout
     assert "torch imported False" in done.stdout
+    shipped = sorted(p.stem for p in (REPO / "Resources" / "Models").glob("*.json") if not p.stem.startswith("proposals-"))
+    assert f"models {shipped}" in done.stdout  # listed from the JSON cards, torch never imported
 
 
 def test_dependency_install_uses_pytorch_utils_then_pip(module, monkeypatch):
@@ -237,7 +240,9 @@ def test_dependency_install_uses_pytorch_utils_then_pip(module, monkeypatch):
     missing = [["torch", "monai"], []]  # before and after installation
     monkeypatch.setattr(module.OAIMSSegmentLogic, "missingDependencies", staticmethod(lambda: missing[0]))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (calls.append(("pip", requirements)), missing.pop(0)))
+    pins = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: (
+        calls.append(("pip", requirements[:2])), pins.append(Path(requirements[3]).read_text()), missing.pop(0)))
 
     class PyTorchUtilsLogic:  # stand-in for the PyTorch extension's logic (an optional Slicer extension)
         def installTorch(self, askConfirmation=True):
@@ -254,7 +259,15 @@ def test_dependency_install_uses_pytorch_utils_then_pip(module, monkeypatch):
     logic.setupPythonRequirements(confirm=lambda message: questions.append(message) or True)
     assert "torch, monai" in questions[0]
     assert calls == [("PyTorchUtils", False), ("pip", ["-r", logic.requirementsPath()])]
-    assert Path(logic.requirementsPath()).is_file()
+    # pip gets a constraints file pinning the installed torch and numpy, and never lists torch itself.
+    from importlib.metadata import version
+
+    assert f"numpy=={version('numpy')}" in pins[0] and f"torch=={version('torch')}" in pins[0]
+    listed = [line for line in Path(logic.requirementsPath()).read_text().splitlines() if line and not line.startswith("#")]
+    assert listed and not any(line.startswith("torch") for line in listed)
+    monkeypatch.delitem(sys.modules, "PyTorchUtils")  # without PyTorch Utils, torch is never pip-installed: a clear message instead
+    with pytest.raises(module.MissingDependenciesError, match="install the PyTorch extension"):
+        logic.installDependencies()
 
 
 # -- the MRML bridge -----------------------------------------------------------------------------
@@ -411,17 +424,23 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     assert [r["ijk"] for r in reports] == [c[0] for c in clicks], source
     assert [r["newImage"] for r in reports] == [True, False, False]
     assert all(r["latencyMs"] > 0 for r in reports) and reports[1]["adaptMs"] > 0
-    # The segment equals what the engine gives on the same array and clicks, on that slice only.
+    # The segment equals what the engine gives on the same array and clicks, on that slice only; the
+    # model sees the slice at isotropic in-plane spacing (rows J 1.2 mm, columns I 0.8 mm -> 0.8 mm).
+    from OAIMSSegment.segment_session import InPlaneGrid
+
     image = voxels[centre[2]][np.newaxis]
-    engine_clicks = [((ijk[1], ijk[0]), int(positive)) for ijk, positive in clicks]
-    expected = engine_replay(binary_model, initial_state, image, engine_clicks)
+    grid = InPlaneGrid(image.shape[1:], (1.2, 0.8))
+    assert grid.model_shape == (int(round(image.shape[1] * 1.5)), image.shape[2])
+    engine_clicks = [(grid.click_to_model((ijk[1], ijk[0])), int(positive)) for ijk, positive in clicks]
+    replay = lambda clicks: grid.mask_from_model(engine_replay(binary_model, initial_state, grid.image_to_model(image), clicks))  # noqa: E731
+    expected = replay(engine_clicks)
     after = export_segment(scene, segmentation, segment_id, volume)
     np.testing.assert_array_equal(after[centre[2]], expected == 1)
     np.testing.assert_array_equal(np.delete(after, centre[2], axis=0), np.delete(before, centre[2], axis=0))
 
     # Undo restores the previous mask; undoing every click restores the slice as it was.
     assert logic.undoClick() == {"clicks": 2}
-    expected_two = engine_replay(binary_model, initial_state, image, engine_clicks[:2])
+    expected_two = replay(engine_clicks[:2])
     np.testing.assert_array_equal(export_segment(scene, segmentation, segment_id, volume)[centre[2]], expected_two == 1)
     logic.undoClick()
     logic.undoClick()
@@ -429,18 +448,23 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     with pytest.raises(SessionStateError):
         logic.undoClick()
 
-    # Coronal then sagittal clicks: each is a new image; moving on accepts the previous one.
-    for orientation, axis in (("Coronal", None), ("Sagittal", None)):
-        location = mrml.locate_click(volume, world_of(volume, centre, parent), orientation)
+    # Coronal then sagittal clicks: each is a new image of the segment; moving on saves nothing.
+    locations = []
+    for orientation in ("Coronal", "Sagittal"):
+        locations.append(mrml.locate_click(volume, world_of(volume, centre, parent), orientation))
         report = logic.addClick(world_of(volume, centre, parent), True, orientation)
         assert report["newImage"] and report["ijk"] == centre
-        assert report["sliceAxis"] == "IJK"[location.axis]
+        assert report["sliceAxis"] == "IJK"[locations[-1].axis]
         logic.addClick(world_of(volume, centre, parent), False, orientation)
-    assert report["previousImage"]["saved"], report["previousImage"]
+        assert logic.siteModelInfo()["version"] == 0
+    # Accept covers the segment: PI on both worked slices (the axial one has no clicks left), one version.
+    held = [int(mrml.read_slice_mask(segmentation, segment_id, volume, where).sum()) for where in locations]
     accepted = logic.accept()
-    assert accepted["saved"] and accepted["version"] == 2, accepted
+    assert accepted["saved"] and accepted["version"] == 1, accepted
+    assert [(row["sliceIndex"], row["acceptedPixels"]) for row in accepted["slices"]] == [
+        (where.index, pixels) for where, pixels in zip(locations, held)]
     info = logic.siteModelInfo()
-    assert (info["site"], info["version"], info["imagesAdapted"], info["versions"]) == ("hospital-a", 2, 2, [1, 2])
+    assert (info["site"], info["version"], info["imagesAdapted"], info["versions"]) == ("hospital-a", 1, 2, [1])
     adapted = {k: v.clone() for k, v in logic.session.model.state_dict().items()}
     assert any(not (adapted[k] == pretrained[k]).all() for k in pretrained)
     with pytest.raises(SessionStateError, match="nothing to accept"):
@@ -449,10 +473,11 @@ def test_logic_workflow_on_an_oblique_transformed_volume(module, scene, binary_m
     # A new Logic on the same store resumes that version.
     resumed = module.OAIMSSegmentLogic(storeFolder=str(store))
     resumed.setModel(binary_model)
-    assert resumed.setSite("hospital-a")["version"] == 2
+    assert resumed.setSite("hospital-a")["version"] == 1
     assert all((resumed.session.model.state_dict()[k] == adapted[k]).all() for k in adapted)
 
     # Roll back, export, import, reset.
+    assert logic.rollbackSiteModel(0)["version"] == 0
     assert logic.rollbackSiteModel(1)["version"] == 1
     archive = logic.exportSiteModel(str(tmp_path / "hospital-a.oaims.zip"))
     logic.setSite("hospital-b")
@@ -475,7 +500,8 @@ def test_discard_restores_the_slice_and_the_weights(module, scene, binary_model,
     before = export_segment(scene, segmentation, segment_id, volume)
     for ijk, positive in (((28, 32, 20), True), ((10, 10, 20), False), ((30, 30, 20), True)):
         logic.addClick(world_of(volume, ijk), positive, "Axial")
-    logic.discard()
+    logic.addClick(world_of(volume, (28, 32, 12)), True, "Axial")  # a second slice of the segment
+    logic.discard(revertSlices=True)
     np.testing.assert_array_equal(export_segment(scene, segmentation, segment_id, volume), before)
     assert all((logic.session.model.state_dict()[k] == weights[k]).all() for k in weights)
     assert logic.siteModelInfo()["version"] == 0
@@ -496,7 +522,7 @@ def test_two_clicks_queued_on_a_fresh_slice_segment_one_image(module, scene, bin
     computed = [logic.compute(job) for job in jobs]
     reports = [logic.apply(job) for job in computed]
     assert [r["newImage"] for r in reports] == [True, False]
-    assert [r["clicks"] for r in reports] == [1, 2] and reports[1]["previousImage"] is None
+    assert [r["clicks"] for r in reports] == [1, 2]
     assert [(c.position, c.label) for c in logic.session.clicks] == [((32, 28), 1), ((5, 6), 0)]
     assert logic.siteModelInfo()["version"] == 0
     expected = engine_replay(binary_model, initial_state, ball_volume()[20][np.newaxis], [((32, 28), 1), ((5, 6), 0)])
@@ -528,7 +554,7 @@ def test_a_failed_job_leaves_what_is_open_matching_the_session(module, scene, bi
     with pytest.raises(SessionStateError, match="no click to undo"):
         logic.undoClick()
     report = logic.addClick(world_of(volume, (28, 32, 20)), True, "Axial")
-    assert report["newImage"] and report["clicks"] == 1 and report["previousImage"] is None
+    assert report["newImage"] and report["clicks"] == 1
 
 
 def test_unwritable_store_keeps_segmenting_and_says_the_model_was_not_saved(module, scene, binary_model, tmp_path):

@@ -1,0 +1,287 @@
+"""What the Slicer panel does, without Qt: the Widget only connects signals to a :class:`PanelController`.
+
+The controller runs every action of the Logic through a :class:`~OAIMSSegment.runner.JobRunner`
+(the model work on the worker, the main thread pumping events; actions that arrive meanwhile wait
+and run in order), decides what is enabled, keeps the undo bookkeeping (markers, Segment Editor
+undo states), commits the site and store fields only when the user commits them, makes a new
+volume, segmentation or segment take effect at once, and reacts to the scene closing or a node
+being deleted. It is tested on real MRML (``Testing/Python/test_slicer_segment.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import numpy as np
+
+from OAIMSSegment.errors import OAIMSError
+
+__all__ = ["PanelController", "UndoStates", "EditorUndo", "Marker", "FieldCommit", "Job", "compute_job"]
+
+
+@dataclass
+class Job:
+    """One action (``kind``: click, undo, accept or discard) in three phases: ``prepare*`` makes it
+    (main thread: reads MRML, updates what is open), :func:`compute_job` runs it in the
+    engine (worker: fills ``report`` and ``mask``, or ``error``), ``OAIMSSegmentLogic.apply``
+    shows it (main thread: writes MRML). Every prepared job is applied, in order."""
+
+    kind: str
+    slice: Any  # the slice a click or undo acts on
+    label: int = 0
+    location: Any = None  # where a click is
+    newImage: bool = False  # a click that makes its slice the open image (the one open stays as it is)
+    edits: Any = None  # the slice's SliceEdits (click, undo)
+    restoreSlice: bool = True  # an undo writes back what the slice held before the click
+    finals: dict = field(default_factory=dict)  # accept: {(axis, index): class map the slice holds}
+    slices: list = field(default_factory=list)  # discard: SegmentedSlices to restore
+    settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the segment opens or closes
+    report: dict = field(default_factory=dict)
+    mask: Optional[np.ndarray] = None  # the class map to show on the slice
+    error: Optional[Exception] = None
+
+
+def compute_job(work, job: Job) -> Job:
+    """Worker: run ``job`` on the segment's :class:`~OAIMSSegment.segment_session.SegmentWork` (the
+    engine only, no MRML). An error is kept in ``job.error`` for the Logic's ``apply`` to raise."""
+    try:
+        if job.kind == "click":
+            if job.newImage:
+                work.open((job.location.axis, job.location.index), job.slice.image, job.settings, job.slice.spacing)
+            result, location = work.click(job.location.position, job.label), job.location
+            job.mask, job.report = result.mask, {
+                "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
+                "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
+                "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(work.site.session.clicks),
+                "foregroundPixels": int((result.mask > 0).sum())}
+        elif job.kind == "undo":
+            work.undo()
+            job.report = {"clicks": len(work.site.session.clicks)}
+        elif job.kind == "accept":
+            started = time.perf_counter()
+            job.report = work.accept(job.finals, job.settings).report((time.perf_counter() - started) * 1000.0)
+        else:
+            work.discard(job.settings)
+            job.report = {"discarded": True}
+    except Exception as error:  # raised again on the main thread by apply()
+        job.error = error
+    return job
+
+
+class UndoStates:
+    """Segment Editor undo states (the Widget passes its embedded ``qMRMLSegmentEditorWidget``'s):
+    ``save()`` = ``saveStateForUndo()``, ``undo()`` = ``undo()``, ``stamp()`` = a number that changes
+    whenever the segment's labelmap changes (its MTime). Without an editor (scripting) nothing is done."""
+
+    def save(self) -> None:
+        pass
+
+    def undo(self) -> None:
+        pass
+
+    def stamp(self) -> int:
+        return 0
+
+    @property
+    def active(self) -> bool:
+        return False
+
+
+class EditorUndo(UndoStates):
+    """The undo states of a ``qMRMLSegmentEditorWidget`` (``saveStateForUndo``, ``undo``); ``stamp``
+    gives the segment's labelmap MTime (``mrml.segment_stamp``)."""
+
+    active = True
+
+    def __init__(self, editor, stamp: Callable[[], int]) -> None:
+        self.editor, self.stamp = editor, stamp
+
+    def save(self) -> None:
+        self.editor.saveStateForUndo()
+
+    def undo(self) -> None:
+        self.editor.undo()
+
+
+@dataclass
+class Marker:
+    """The markups control point of one click: ``remove()`` takes it off its point list."""
+
+    remove: Callable[[], None]
+
+
+class FieldCommit:
+    """A text field that acts only on commit (Enter, focus out, a pick from the list), once per new value."""
+
+    def __init__(self, action: Callable[[str], Any], value: str = "") -> None:
+        self._action, self.value = action, value
+
+    def commit(self, text: str) -> bool:
+        """Run the action with ``text`` if it is not empty and differs from the last committed value."""
+        text = (text or "").strip()
+        if not text or text == self.value:
+            return False
+        self._action(text)
+        self.value = text
+        return True
+
+
+class PanelController:
+    """The panel's behaviour on an :class:`OAIMSSegmentLogic`.
+
+    Args:
+        logic: the module's Logic.
+        runner: the JobRunner (its pump processes the event loop's non-input events).
+        undo_states: the Segment Editor's undo states (default: none).
+        report: shows a one-line status or error.
+    """
+
+    def __init__(self, logic, runner, undo_states: Optional[UndoStates] = None,
+                 report: Callable[[str], None] = lambda text: None) -> None:
+        self.logic, self.runner, self.report = logic, runner, report
+        self.undoStates = undo_states or UndoStates()
+        logic.beforeWrite = self.undoStates.save
+        self.markers: List[Optional[Marker]] = []  # one per click on the open slice, in order
+        self._segmentMarkers: List[Marker] = []  # every marker of the segment (all its slices)
+        self._written: List[int] = []  # undoStates.stamp() just after each click was written
+        self.site = FieldCommit(self._setSite, logic.siteName)
+        self.store = FieldCommit(self._setStore, logic.storeFolder)
+        self.last: dict = {}
+
+    # -- what is enabled ---------------------------------------------------------------------
+    def enabled(self) -> dict:
+        """``{control: enabled}``: nothing that changes the session while a job runs."""
+        idle = not self.runner.busy
+        ready = idle and self.logic.card is not None
+        worked = bool(self.logic.workedSlices)
+        return {"place": ready, "inputs": idle, "site": idle and not worked, "undo": ready and bool(self.markers),
+                "accept": ready and worked, "discard": ready and worked, "model": idle}
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def selectInputs(self, volume, segmentation, segmentId: Optional[str]) -> bool:
+        """Use these inputs now (a new segment, volume or segmentation takes effect at once; the
+        segment left is kept without adapting). True when they changed."""
+        logic = self.logic
+        if self.runner.busy:  # an editor-node event pumped during a job: take it up afterwards
+            self.runner.request(lambda: self.selectInputs(volume, segmentation, segmentId))
+            return False
+        if logic.card is None or volume is None or segmentation is None:
+            return False
+        if (logic.volumeNode, logic.segmentationNode) == (volume, segmentation) and segmentId in (None, "", logic.segmentId):
+            return False
+        self._run(lambda: logic.startSegment(volume, segmentation, segmentId or None))
+        self.markers, self._written, self._segmentMarkers = [], [], []
+        return True
+
+    # -- actions (each through the runner: deferred while a job runs) ---------------------------
+    def click(self, ras, positive: bool, orientation, marker: Optional[Marker] = None) -> None:
+        """A point placed at world ``ras`` in a view of ``orientation``; its ``marker`` is removed if refused."""
+        def action():
+            try:
+                job = self.logic.prepareClick(ras, positive, orientation)
+            except OAIMSError as error:
+                if marker is not None:
+                    marker.remove()
+                self.report(str(error))
+                return
+            if job.newImage:
+                self.markers, self._written = [], []
+            self.markers.append(marker)
+            if marker is not None:
+                self._segmentMarkers.append(marker)
+            if self._finish(job):
+                self._written.append(self.undoStates.stamp())
+        self.runner.request(action)
+
+    def undo(self) -> None:
+        """Ctrl+Z: a paint stroke made after the last click is undone alone (the editor's state);
+        else the last click, its MI update and its write together, and its marker goes."""
+        def action():
+            states = self.undoStates
+            if states.active and self._written and states.stamp() != self._written[-1]:
+                states.undo()  # the top undo state is the clinician's edit, not our click
+                self._written[-1] = states.stamp()
+                return
+            if not self.markers:
+                self.report("there is no click to undo")
+                return
+            try:
+                job = self.logic.prepareUndo(restoreSlice=not states.active)
+            except OAIMSError as error:
+                self.report(str(error))
+                return
+            marker = self.markers.pop()
+            self._written[-1:] = []
+            if self._finish(job) and states.active:
+                states.undo()
+            if marker is not None:
+                self._segmentMarkers.remove(marker)
+                marker.remove()
+        self.runner.request(action)
+
+    def accept(self) -> None:
+        """Accept the segment (PI per worked slice, one site version); ``last`` holds the report."""
+        self.runner.request(lambda: self._close(self.logic.prepareAccept))
+
+    def discard(self, revertSlices: bool = False) -> None:
+        """Drop the segment's model updates (and, if asked, its slices' content)."""
+        self.runner.request(lambda: self._close(lambda: self.logic.prepareDiscard(revertSlices)))
+
+    def _close(self, prepare: Callable) -> None:
+        try:
+            job = prepare()
+        except OAIMSError as error:
+            self.report(str(error))
+            return
+        if self._finish(job):
+            for marker in self._segmentMarkers:
+                marker.remove()
+            self.markers, self._written, self._segmentMarkers = [], [], []
+
+    def _finish(self, job) -> bool:
+        """Compute ``job`` on the worker, apply it here; report its error. True if it succeeded."""
+        try:
+            self.last = self.logic.apply(self.runner.run(lambda: self.logic.compute(job)))
+        except OAIMSError as error:
+            self.last = {}
+            self.report(str(error))
+            return False
+        self.report(self._describe(job.kind, self.last))
+        return True
+
+    @staticmethod
+    def _describe(kind: str, report: dict) -> str:
+        if kind == "click":
+            return (f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), {report['clicks']} click(s) "
+                    f"on slice {report['sliceAxis']}={report['sliceIndex']}")
+        if kind == "accept":
+            return f"Accepted {len(report['slices'])} slice(s) ({report['latencyMs']:.0f} ms): {report['message']}"
+        return "Discarded" if kind == "discard" else f"Undone: {report.get('clicks', 0)} click(s) left"
+
+    def _run(self, action: Callable[[], Any]) -> bool:
+        try:
+            action()
+            return True
+        except OAIMSError as error:
+            self.report(str(error))
+            return False
+
+    # -- fields -----------------------------------------------------------------------------------
+    def _setSite(self, name: str) -> None:
+        self._run(lambda: self.logic.setSite(name))
+
+    def _setStore(self, path: str) -> None:
+        self._run(lambda: self.logic.setStoreFolder(path))
+
+    # -- scene ------------------------------------------------------------------------------------
+    def sceneClosing(self) -> None:
+        """The scene starts closing: keep the segment without adapting, forget nodes and markers."""
+        self.logic.forgetNodes()
+        self.markers, self._written, self._segmentMarkers = [], [], []
+
+    def nodeRemoved(self, node) -> None:
+        """A node is about to be deleted: if it is the volume or segmentation in use, as :meth:`sceneClosing`."""
+        if node is not None and node in (self.logic.volumeNode, self.logic.segmentationNode):
+            self.sceneClosing()
