@@ -273,15 +273,14 @@ class InteractiveSession:
         accept it (PI) or click on it again. Returns the mask (None without clicks). An image still
         open is discarded first, as by :meth:`start`; undoing a resumed click reverts no update."""
         self.start(image)
-        for click in clicks:
+        for given in clicks:
             started = time.perf_counter()
-            self._wclicks.append(self.model.working_click(self.prepared, Click(tuple(click.position), int(click.label))))
-            self._clicks.append(Click(tuple(int(round(float(v))) for v in click.position), int(click.label)))
-            self._snapshots.append(None)
+            original = Click(tuple(int(round(float(v))) for v in given.position), int(given.label))
+            working = self.model.working_click(self.prepared, Click(tuple(given.position), int(given.label)))
             with torch.no_grad():
-                logits = self._predict(self._wclicks)
-            self._working_labels.append(hard_labels(logits)[0])
-            self._results.append(self._result(logits, self._clicks[-1], started, 0.0, None))
+                logits = self.predict_logits(self.working_clicks + [working])
+            result = self._result(logits, original, started, 0.0, None)
+            self._steps.append(ClickStep(original, working, None, hard_labels(logits)[0], result))
         return self.mask
 
     def undo(self) -> np.ndarray | None:
