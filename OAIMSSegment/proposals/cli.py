@@ -18,7 +18,7 @@ from OAIMSSegment.proposals.figure import proposal_figure
 from OAIMSSegment.proposals.io import load_proposal_model, model_files, read_card, save_proposal_model, write_card
 from OAIMSSegment.proposals.loss import PARTIAL_DICE_MODES
 from OAIMSSegment.proposals.metrics import evaluate
-from OAIMSSegment.proposals.model import ProposalConfig
+from OAIMSSegment.proposals.model import SEGMENTATION_PROBABILITIES, ProposalConfig
 from OAIMSSegment.proposals.train import train
 from OAIMSSegment.proposals.user import compare, dataset_cases, synthetic_cases
 
@@ -48,12 +48,12 @@ def _train_command(args: argparse.Namespace) -> int:
     config = ProposalConfig(input_size=size)
     model, log = train(
         images, args.steps, args.seed, args.batch_size, args.lr, not synthetic, config, args.growth,
-        partial_dice=args.partial_dice, kl_warmup=args.kl_warmup,
+        partial_dice=args.partial_dice, kl_warmup=args.kl_warmup, segmentation=args.segmentation,
     )  # fmt: skip
     command = (
         f"python -m OAIMSSegment proposals-train --out {args.out} --data {args.data} --steps {args.steps}"
         f" --seed {args.seed} --batch-size {args.batch_size} --lr {args.lr} --size {size} --growth {args.growth}"
-        f" --partial-dice {args.partial_dice} --kl-warmup {args.kl_warmup}"
+        f" --partial-dice {args.partial_dice} --kl-warmup {args.kl_warmup} --segmentation {args.segmentation}"
         + (f" --train-images {args.train_images}" if synthetic else "")
     )
     card = {
@@ -68,6 +68,7 @@ def _train_command(args: argparse.Namespace) -> int:
         "growth": args.growth,
         "partial_dice": args.partial_dice,
         "kl_warmup": args.kl_warmup,
+        "segmentation": args.segmentation,
         "steps": args.steps,
         "train_images": int(images.images.shape[0]),
         "train_seconds": round(time.time() - started, 1),
@@ -163,6 +164,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train_parser.add_argument(
         "--partial-dice", choices=PARTIAL_DICE_MODES, default="all", help="pixels of the partialness Dice: 'all' or 'undecided' (outside x_m)"
     )
+    train_parser.add_argument(
+        "--segmentation", choices=SEGMENTATION_PROBABILITIES, default="joint",
+        help="soft y^_s in the loss: 'joint' p_m p_s (decided and foreground) or 'conditional' p_s",
+    )  # fmt: skip
     train_parser.add_argument("--kl-warmup", type=int, default=0, help="steps of linear KL-weight warm-up (0: none)")
     train_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     train_parser.set_defaults(func=_train_command)

@@ -46,11 +46,13 @@ def train(
     log_every: int = 250,
     partial_dice: str = "all",
     kl_warmup: int = 0,
+    segmentation: str = "joint",
 ) -> tuple[ProposalModel, list[dict[str, float]]]:
     """Train the CVAE with Adam on Eq. 3 (beta0 = 1, beta1 = 1e-3).
 
     ``partial_dice``: see :class:`ProposalLoss`. ``kl_warmup``: steps over which the KL weight
     rises linearly from 0 to beta1 (0: beta1 from the start, as the paper states nothing else).
+    ``segmentation``: how ``y^_s`` is kept inside ``y^_m`` in the loss (see :func:`compose`).
 
     Returns the model (eval mode) and the log: one ``{"step", "loss", "wdl", "dl", "kl"}``
     per ``log_every`` steps, each averaged over those steps.
@@ -70,7 +72,7 @@ def train(
         data = sample_batch(images, batch, rng, augment, growth)
         x, y = data["x"], data["y"]
         logits, mu, logvar = model(x, y)
-        pred_m, pred_s = compose(logits, x[:, 1:2], x[:, 2:3])
+        pred_m, pred_s = compose(logits, x[:, 1:2], x[:, 2:3], segmentation)
         terms = loss_fn(pred_m, pred_s, y[:, :1], y[:, 1:2], x[:, 1:2], mu, logvar)
         optimizer.zero_grad()
         terms["loss"].backward()

@@ -60,14 +60,28 @@ def test_partialness_dice_over_undecided_pixels_by_hand() -> None:
         P.ProposalLoss(partial_dice="some")
 
 
+def test_conditional_segmentation_probability_leaves_p_m_out_of_y_s() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 6, 6)
+    x_m = (torch.rand(2, 1, 6, 6) > 0.5).float()
+    x_s = x_m * (torch.rand(2, 1, 6, 6) > 0.5).float()
+    joint_m, joint_s = P.compose(logits, x_m, x_s, "joint")
+    cond_m, cond_s = P.compose(logits, x_m, x_s, "conditional")
+    free = x_m == 0
+    assert torch.equal(joint_m, cond_m) and torch.allclose(cond_s[free], torch.sigmoid(logits[:, 1:2])[free])
+    assert torch.equal(cond_s[~free], x_s[~free]) and torch.all(joint_s <= joint_m)
+    with pytest.raises(ValueError, match="segmentation"):
+        P.compose(logits, x_m, x_s, "either")
+
+
 def test_training_records_the_choices_in_the_card(tmp_path: Path) -> None:
     out = tmp_path / "p.pt"
     argv = ["proposals-train", "--out", str(out), "--steps", "2", "--batch-size", "4", "--train-images", "8",
-            "--growth", "object", "--partial-dice", "undecided", "--kl-warmup", "10"]  # fmt: skip
+            "--growth", "object", "--partial-dice", "undecided", "--kl-warmup", "10", "--segmentation", "conditional"]  # fmt: skip
     assert main(argv) == 0
     card = json.loads(out.with_suffix(".json").read_text())
-    assert (card["growth"], card["partial_dice"], card["kl_warmup"]) == ("object", "undecided", 10)
-    assert "--partial-dice undecided --kl-warmup 10" in card["training_command"]
+    assert (card["growth"], card["partial_dice"], card["kl_warmup"], card["segmentation"]) == ("object", "undecided", 10, "conditional")
+    assert "--partial-dice undecided --kl-warmup 10 --segmentation conditional" in card["training_command"]
 
 
 def test_wrong_region_is_the_largest_error_and_its_interior() -> None:
