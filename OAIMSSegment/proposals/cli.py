@@ -20,7 +20,7 @@ from OAIMSSegment.proposals.loss import PARTIAL_DICE_MODES
 from OAIMSSegment.proposals.metrics import evaluate
 from OAIMSSegment.proposals.model import SEGMENTATION_PROBABILITIES, ProposalConfig
 from OAIMSSegment.proposals.train import train
-from OAIMSSegment.proposals.user import compare, dataset_cases, synthetic_cases
+from OAIMSSegment.proposals.user import LOOPS, compare, dataset_cases, synthetic_cases
 
 __all__ = ["add_commands"]
 
@@ -111,7 +111,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 def _user_command_line(args: argparse.Namespace) -> str:
     """The ``proposals-user`` command line that reproduces ``args`` (for the JSON)."""
     options = ["model", "oaims_model", "data", "split", "target", "n", "data_seed", "slices_per_case", "min_pixels",
-               "k", "seeds", "brush", "threshold", "cap"]  # fmt: skip
+               "k", "seeds", "brush", "threshold", "cap", "loops"]  # fmt: skip
     parts = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in options if getattr(args, name) is not None]
     return "python -m OAIMSSegment proposals-user " + " ".join(parts)
 
@@ -130,13 +130,18 @@ def _user_command(args: argparse.Namespace) -> int:
     click_model = load_model(args.oaims_model or "demo-synthetic-blobs")
     brush = args.brush * max(cases[0].truth.shape)
     started = time.time()
-    summary = compare(proposal_model, click_model, cases, args.k, brush, list(range(args.seeds)), args.threshold, args.cap)
+    loops = [name.strip() for name in args.loops.split(",")]
+    if any(name not in LOOPS for name in loops):
+        raise ModelError(f"--loops must be some of {', '.join(LOOPS)}, got {args.loops!r}")
+    summary = compare(
+        proposal_model, click_model, cases, args.k, brush, list(range(args.seeds)), args.threshold, args.cap, loops
+    )  # fmt: skip
     summary.update(
         model=args.model, oaims_model=args.oaims_model or "demo-synthetic-blobs", data=args.data,
         seconds=round(time.time() - started, 1), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         command=_user_command_line(args),
     )  # fmt: skip
-    for name in ("proposals", "clicks"):
+    for name in loops:
         entry = summary[name]
         print(f"{name:9s} actions to Dice {args.threshold}: {entry['actions_mean']:.2f} +- {entry['actions_std_over_seeds']:.2f}"
               f" (reached {100 * entry['reached']:.0f} %)")  # fmt: skip
@@ -199,6 +204,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     user_parser.add_argument("--brush", type=float, default=1 / 16, help="correction brush radius, a fraction of the longer image side")
     user_parser.add_argument("--threshold", type=float, default=0.9, help="Dice the user stops at")
     user_parser.add_argument("--cap", type=_positive_int, default=20, help="most actions per image")
+    user_parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated: proposals (a), brush (a without proposals), clicks (b)")
     user_parser.add_argument("--json", help="write the summary to OUT.json")
     user_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     user_parser.set_defaults(func=_user_command)

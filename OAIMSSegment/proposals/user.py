@@ -43,8 +43,11 @@ from OAIMSSegment.proposals.inference import propose_next_steps
 from OAIMSSegment.proposals.model import ProposalModel
 from OAIMSSegment.session import InteractiveSession
 
+#: The loops :func:`compare` can run.
+LOOPS = ("proposals", "brush", "clicks")
+
 __all__ = [
-    "UserCase", "synthetic_cases", "dataset_cases", "binary_dice", "wrong_region", "proposal_loop", "click_loop", "compare",
+    "LOOPS", "UserCase", "synthetic_cases", "dataset_cases", "binary_dice", "wrong_region", "proposal_loop", "click_loop", "compare",
 ]  # fmt: skip
 
 
@@ -165,9 +168,12 @@ def _pad(curve: list[float], cap: int) -> list[float]:
 
 
 def proposal_loop(
-    model: ProposalModel, case: UserCase, k: int, brush: float, seed: int, threshold: float = 0.9, cap: int = 20
+    model: ProposalModel | None, case: UserCase, k: int, brush: float, seed: int, threshold: float = 0.9, cap: int = 20
 ) -> dict:
     """Segment ``case`` by picking among ``k`` proposals and brush clicks (see the module doc).
+
+    ``model=None`` is the brush alone (no proposals): what the clicks of loop (a) achieve
+    without anything to pick, to tell the proposals' share of a result from the brush's.
 
     Returns ``{"dice": [Dice after actions 1..cap], "picks", "clicks"}``.
     """
@@ -179,9 +185,9 @@ def proposal_loop(
     rounds = 0
     while len(curve) < cap and (not curve or curve[-1] < threshold):
         current = binary_dice(foreground, truth)
-        proposals = propose_next_steps(model, case.image, decided, foreground, k=k, seed=seed * 1000 + rounds)
+        proposals = [] if model is None else propose_next_steps(model, case.image, decided, foreground, k=k, seed=seed * 1000 + rounds)
         rounds += 1
-        scores = [binary_dice(p.seg_mask, truth) for p in proposals]
+        scores = [binary_dice(p.seg_mask, truth) for p in proposals] or [-1.0]
         best = int(np.argmax(scores))
         if scores[best] > current:
             decided, foreground = proposals[best].partial_mask.copy(), proposals[best].seg_mask.copy()
@@ -243,22 +249,34 @@ def compare(
     seeds: Sequence[int],
     threshold: float = 0.9,
     cap: int = 20,
+    loops: Sequence[str] = LOOPS,
 ) -> dict:
-    """Both loops on ``cases`` for every seed (the seed moves ``z``, the first click and the order).
+    """The ``loops`` on ``cases`` for every seed (the seed moves ``z``, the first click and the order).
+
+    ``loops``: any of ``"proposals"`` (loop a), ``"brush"`` (loop a without proposals) and
+    ``"clicks"`` (loop b, OAIMS). ``wins`` compares proposals with clicks when both ran.
 
     Returns the JSON-ready summary: per loop the mean actions to reach ``threshold`` per
     seed, their mean and standard deviation over seeds, the share of images that reach it,
     the mean Dice after each action; per image and seed which loop needed fewer actions.
     """
-    per_seed: dict[str, list[dict]] = {"proposals": [], "clicks": []}
+    unknown = [name for name in loops if name not in LOOPS]
+    if unknown or not loops:
+        raise ValueError(f"loops must be some of {LOOPS}, got {list(loops)}")
+    per_seed: dict[str, list[dict]] = {name: [] for name in loops}
     wins = {"proposals": 0, "clicks": 0, "tie": 0}
     images = []
     for seed in seeds:
         order = np.random.default_rng([seed, 8]).permutation(len(cases))
         ordered = [cases[i] for i in order]
-        chosen = [proposal_loop(proposal_model, case, k, brush, seed, threshold, cap) for case in ordered]
-        clicked = click_loop(click_model, ordered, seed, threshold=threshold, cap=cap)
-        for name, runs in (("proposals", chosen), ("clicks", clicked)):
+        runs_by_loop = {}
+        if "proposals" in loops:
+            runs_by_loop["proposals"] = [proposal_loop(proposal_model, case, k, brush, seed, threshold, cap) for case in ordered]
+        if "brush" in loops:
+            runs_by_loop["brush"] = [proposal_loop(None, case, k, brush, seed, threshold, cap) for case in ordered]
+        if "clicks" in loops:
+            runs_by_loop["clicks"] = click_loop(click_model, ordered, seed, threshold=threshold, cap=cap)
+        for name, runs in runs_by_loop.items():
             curves = np.array([run["dice"] for run in runs])
             actions = _actions(curves, threshold, cap)
             entry = {
@@ -268,13 +286,16 @@ def compare(
                 "dice_curve": curves.mean(axis=0).tolist(),
                 "actions": actions.tolist(),
             }
-            if name == "proposals":
+            if name != "clicks":
                 entry["picks_mean"] = float(np.mean([run["picks"] for run in runs]))
                 entry["clicks_mean"] = float(np.mean([run["clicks"] for run in runs]))
             per_seed[name].append(entry)
-        for case, a, b in zip(ordered, per_seed["proposals"][-1]["actions"], per_seed["clicks"][-1]["actions"]):
-            wins["proposals" if a < b else "clicks" if b < a else "tie"] += 1
-            images.append({"seed": seed, "case": case.name, "proposals": a, "clicks": b, "truth_pixels": int(case.truth.sum())})
+        for row, case in enumerate(ordered):
+            counts = {name: per_seed[name][-1]["actions"][row] for name in loops}
+            if "proposals" in counts and "clicks" in counts:
+                a, b = counts["proposals"], counts["clicks"]
+                wins["proposals" if a < b else "clicks" if b < a else "tie"] += 1
+            images.append({"seed": seed, "case": case.name, **counts, "truth_pixels": int(case.truth.sum())})
     summary: dict = {"threshold": threshold, "cap": cap, "k": k, "brush_px": brush, "seeds": list(seeds), "n_images": len(cases)}
     for name, entries in per_seed.items():
         means = [e["actions_mean"] for e in entries]

@@ -106,6 +106,16 @@ def test_proposal_loop_never_loses_dice_and_counts_its_actions() -> None:
     assert reached.size == 0 or run["picks"] + run["clicks"] == reached[0] + 1
 
 
+def test_brush_alone_and_the_loops_option() -> None:
+    case = U.synthetic_cases(1, seed=3, scale=2)[0]
+    run = U.proposal_loop(None, case, k=3, brush=3.0, seed=0, threshold=0.9, cap=10)
+    assert run["picks"] == 0 and run["clicks"] >= 1 and np.all(np.diff(run["dice"]) >= -1e-12)
+    summary = U.compare(P.ProposalModel(), ClickSegmenter(tiny_card()), [case], k=2, brush=3.0, seeds=[0], cap=3, loops=["brush"])
+    assert "brush" in summary and "clicks" not in summary and sum(summary["wins"].values()) == 0
+    with pytest.raises(ValueError, match="loops"):
+        U.compare(P.ProposalModel(), ClickSegmenter(tiny_card()), [case], k=2, brush=3.0, seeds=[0], loops=["pick"])
+
+
 def test_click_loop_uses_the_session_and_stops_at_the_threshold() -> None:
     torch.manual_seed(0)
     model = ClickSegmenter(tiny_card())
