@@ -11,13 +11,16 @@ from pathlib import Path
 import torch
 
 from OAIMSSegment.errors import ModelError
+from OAIMSSegment.model import load_model
 from OAIMSSegment.files import atomic_write_text
-from OAIMSSegment.proposals.data import load_images
+from OAIMSSegment.proposals.data import GROWTH_MODES, load_images
 from OAIMSSegment.proposals.figure import proposal_figure
 from OAIMSSegment.proposals.io import load_proposal_model, model_files, read_card, save_proposal_model, write_card
+from OAIMSSegment.proposals.loss import PARTIAL_DICE_MODES
 from OAIMSSegment.proposals.metrics import evaluate
-from OAIMSSegment.proposals.model import ProposalConfig
+from OAIMSSegment.proposals.model import SEGMENTATION_PROBABILITIES, ProposalConfig
 from OAIMSSegment.proposals.train import train
+from OAIMSSegment.proposals.user import LOOPS, compare, dataset_cases, synthetic_cases
 
 __all__ = ["add_commands"]
 
@@ -43,10 +46,14 @@ def _train_command(args: argparse.Namespace) -> int:
     images = load_images(args.data, "Tr", size, args.train_images, args.seed)
     started = time.time()
     config = ProposalConfig(input_size=size)
-    model, log = train(images, args.steps, args.seed, args.batch_size, args.lr, not synthetic, config, args.growth)
+    model, log = train(
+        images, args.steps, args.seed, args.batch_size, args.lr, not synthetic, config, args.growth,
+        partial_dice=args.partial_dice, kl_warmup=args.kl_warmup, segmentation=args.segmentation,
+    )  # fmt: skip
     command = (
         f"python -m OAIMSSegment proposals-train --out {args.out} --data {args.data} --steps {args.steps}"
         f" --seed {args.seed} --batch-size {args.batch_size} --lr {args.lr} --size {size} --growth {args.growth}"
+        f" --partial-dice {args.partial_dice} --kl-warmup {args.kl_warmup} --segmentation {args.segmentation}"
         + (f" --train-images {args.train_images}" if synthetic else "")
     )
     card = {
@@ -59,6 +66,9 @@ def _train_command(args: argparse.Namespace) -> int:
         "training_command": command,
         "seed": args.seed,
         "growth": args.growth,
+        "partial_dice": args.partial_dice,
+        "kl_warmup": args.kl_warmup,
+        "segmentation": args.segmentation,
         "steps": args.steps,
         "train_images": int(images.images.shape[0]),
         "train_seconds": round(time.time() - started, 1),
@@ -98,8 +108,51 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_command_line(args: argparse.Namespace) -> str:
+    """The ``proposals-user`` command line that reproduces ``args`` (for the JSON)."""
+    options = ["model", "oaims_model", "data", "split", "target", "n", "data_seed", "slices_per_case", "min_pixels",
+               "k", "seeds", "brush", "threshold", "cap", "loops"]  # fmt: skip
+    parts = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in options if getattr(args, name) is not None]
+    return "python -m OAIMSSegment proposals-user " + " ".join(parts)
+
+
+def _user_command(args: argparse.Namespace) -> int:
+    """``proposals-user``: actions to Dice ``--threshold``, picking among proposals vs clicking OAIMS alone."""
+    torch.set_num_threads(args.threads)
+    synthetic = args.data == "synthetic"
+    if args.oaims_model is None and not synthetic:
+        raise ModelError("--oaims-model is required with a dataset folder (the click model the user compares against)")
+    if synthetic:
+        cases = synthetic_cases(args.n or 100, args.data_seed)
+    else:
+        cases = dataset_cases(args.data, args.split, args.target, args.slices_per_case, args.min_pixels, args.n)
+    proposal_model = load_proposal_model(args.model)
+    click_model = load_model(args.oaims_model or "demo-synthetic-blobs")
+    brush = args.brush * max(cases[0].truth.shape)
+    started = time.time()
+    loops = [name.strip() for name in args.loops.split(",")]
+    if any(name not in LOOPS for name in loops):
+        raise ModelError(f"--loops must be some of {', '.join(LOOPS)}, got {args.loops!r}")
+    summary = compare(
+        proposal_model, click_model, cases, args.k, brush, list(range(args.seeds)), args.threshold, args.cap, loops
+    )  # fmt: skip
+    summary.update(
+        model=args.model, oaims_model=args.oaims_model or "demo-synthetic-blobs", data=args.data,
+        seconds=round(time.time() - started, 1), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        command=_user_command_line(args),
+    )  # fmt: skip
+    for name in loops:
+        entry = summary[name]
+        print(f"{name:9s} actions to Dice {args.threshold}: {entry['actions_mean']:.2f} +- {entry['actions_std_over_seeds']:.2f}"
+              f" (reached {100 * entry['reached']:.0f} %)")  # fmt: skip
+    print(f"fewer actions per image: {summary['wins']}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``proposals-train`` and ``proposals-eval``; each parser's ``func`` returns an exit code."""
+    """Register ``proposals-train``, ``proposals-eval`` and ``proposals-user``; each ``func`` returns an exit code."""
     train_parser = subparsers.add_parser("proposals-train", help="train the probabilistic partial-segmentation model")
     train_parser.add_argument("--out", required=True, help="weights file MODEL.pt (its card goes to MODEL.json)")
     train_parser.add_argument("--data", default="synthetic", help="'synthetic' (paper's disks) or a 2D nnU-Net dataset folder")
@@ -110,8 +163,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--size", type=int, default=0, help="model input side (default 32 synthetic, 64 dataset)")
     train_parser.add_argument("--train-images", type=_positive_int, default=1000, help="synthetic training images (paper: 1,000)")
     train_parser.add_argument(
-        "--growth", choices=("random", "border"), default="random", help="target growth: 'random' (paper) or at the border of x_m"
+        "--growth", choices=GROWTH_MODES, default="random",
+        help="target growth: 'random' (paper: anywhere), 'border' (around x_m) or 'object' (part of the ground truth and its rim)",
+    )  # fmt: skip
+    train_parser.add_argument(
+        "--partial-dice", choices=PARTIAL_DICE_MODES, default="all", help="pixels of the partialness Dice: 'all' or 'undecided' (outside x_m)"
     )
+    train_parser.add_argument(
+        "--segmentation", choices=SEGMENTATION_PROBABILITIES, default="joint",
+        help="soft y^_s in the loss: 'joint' p_m p_s (decided and foreground) or 'conditional' p_s",
+    )  # fmt: skip
+    train_parser.add_argument("--kl-warmup", type=int, default=0, help="steps of linear KL-weight warm-up (0: none)")
     train_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     train_parser.set_defaults(func=_train_command)
 
@@ -126,3 +188,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     eval_parser.add_argument("--update-card", action="store_true", help="record the metrics in the model card")
     eval_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
     eval_parser.set_defaults(func=_eval_command)
+
+    user_parser = subparsers.add_parser("proposals-user", help="simulated user: choosing among proposals vs OAIMS clicks alone")
+    user_parser.add_argument("--model", default="proposals-synthetic-disks", help="proposal model: shipped name or MODEL.pt")
+    user_parser.add_argument("--oaims-model", help="click model for the OAIMS loop (default for synthetic: demo-synthetic-blobs)")
+    user_parser.add_argument("--data", default="synthetic", help="'synthetic' or an nnU-Net raw dataset folder")
+    user_parser.add_argument("--split", choices=("Tr", "Ts"), default="Ts")
+    user_parser.add_argument("--target", help="class the user means (dataset.json label name; default the highest label)")
+    user_parser.add_argument("--n", type=_positive_int, help="synthetic images (default 100) or the first N dataset cases")
+    user_parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images and their truths")
+    user_parser.add_argument("--slices-per-case", type=_positive_int, default=3, help="axial slices of each 3D case")
+    user_parser.add_argument("--min-pixels", type=_positive_int, default=100, help="skip images with fewer target pixels")
+    user_parser.add_argument("--k", type=_positive_int, default=3, help="proposals per round")
+    user_parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1")
+    user_parser.add_argument("--brush", type=float, default=1 / 16, help="correction brush radius, a fraction of the longer image side")
+    user_parser.add_argument("--threshold", type=float, default=0.9, help="Dice the user stops at")
+    user_parser.add_argument("--cap", type=_positive_int, default=20, help="most actions per image")
+    user_parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated: proposals (a), brush (a without proposals), clicks (b)")
+    user_parser.add_argument("--json", help="write the summary to OUT.json")
+    user_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    user_parser.set_defaults(func=_user_command)

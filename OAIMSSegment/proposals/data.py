@@ -46,6 +46,14 @@ DISK_INTENSITY = (0.2, 1.0)
 INPUT_FRACTION = (0.0, 0.3)
 #: (min, max) fraction of the image covered by the growth shape ``B``.
 GROWTH_FRACTION = (0.03, 0.2)
+#: (min, max) fraction of the image covered by the random shape that ``growth="object"`` cuts
+#: out of the ground truth's neighbourhood (chosen with :data:`OBJECT_MARGIN` so that the
+#: targets add the paper's 52 foreground / 31 background pixels; the paper gives no shapes).
+OBJECT_GROWTH_FRACTION = (0.2, 0.8)
+#: Margins (pixels of a 32-pixel image, one drawn per pair) of the ground truth's neighbourhood.
+OBJECT_MARGIN = (1, 2)
+#: Target growth modes of :func:`make_pairs`.
+GROWTH_MODES = ("random", "border", "object")
 #: (min, max) Gaussian smoothing of the shape noise, in pixels of a 32-pixel image.
 SHAPE_SMOOTHING = (2.0, 4.0)
 #: Weights of R, G, B in the luminance of a colour image (ITU-R BT.601), in training and inference.
@@ -163,16 +171,19 @@ def make_pairs(ground_truths: np.ndarray, rng: np.random.Generator, growth: str 
     """Input / target partial segmentations for ground truths ``(B, H, W)`` bool.
 
     Args:
-        growth: ``"random"`` (the paper: ``B`` anywhere) or ``"border"`` (``B`` restricted to a
+        growth: ``"random"`` (the paper: ``B`` anywhere), ``"border"`` (``B`` restricted to a
             band of 2-5 px around ``x_m``, so that the target grows from what is decided, as a
-            user would; where that leaves nothing, e.g. ``x_m`` empty, ``B`` stays unrestricted).
-            The inputs ``x_m, x_s`` are drawn identically in both modes.
+            user would; where that leaves nothing, e.g. ``x_m`` empty, ``B`` stays unrestricted)
+            or ``"object"`` (``B`` = the ground truth dilated by 1-2 px, intersected with a
+            random shape covering 20-80 % of the image: the user decides part of the structure
+            they mean and its rim; where that leaves nothing, the whole dilated ground truth).
+            The inputs ``x_m, x_s`` are drawn identically in all modes.
 
     Returns bool arrays ``x_m, x_s, y_m, y_s``, each ``(B, H, W)``, with
     ``x_m <= y_m``, ``x_s = gt & x_m`` and ``y_s = gt & y_m``.
     """
-    if growth not in ("random", "border"):
-        raise ValueError(f"growth must be 'random' or 'border', got {growth!r}")
+    if growth not in GROWTH_MODES:
+        raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
     b, size = ground_truths.shape[0], ground_truths.shape[-1]
     x_m = random_shapes(b, size, INPUT_FRACTION, rng)
     grow = random_shapes(b, size, GROWTH_FRACTION, rng)
@@ -183,6 +194,12 @@ def make_pairs(ground_truths: np.ndarray, rng: np.random.Generator, growth: str 
             band = ndimage.binary_dilation(x_m[i], iterations=width) & ~x_m[i] & wide[i]
             if band.any():
                 grow[i] = band
+    elif growth == "object":
+        cut = random_shapes(b, size, OBJECT_GROWTH_FRACTION, rng)
+        for i in range(b):
+            margin = int(round(rng.choice(OBJECT_MARGIN) * size / 32.0))
+            near = ndimage.binary_dilation(ground_truths[i], iterations=max(margin, 1))
+            grow[i] = near & cut[i] if (near & cut[i]).any() else near
     y_m = x_m | grow
     return {"x_m": x_m, "x_s": ground_truths & x_m, "y_m": y_m, "y_s": ground_truths & y_m}
 

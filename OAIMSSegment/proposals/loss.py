@@ -6,7 +6,10 @@ import torch
 from monai.losses import DiceLoss, MaskedDiceLoss
 from torch import nn
 
-__all__ = ["kl_standard_normal", "ProposalLoss"]
+__all__ = ["PARTIAL_DICE_MODES", "kl_standard_normal", "ProposalLoss"]
+
+#: Pixels the partialness Dice ``DL(y_m, y^_m)`` is computed over (the paper does not say).
+PARTIAL_DICE_MODES = ("all", "undecided")
 
 
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -26,11 +29,18 @@ class ProposalLoss(nn.Module):
       pixels ``w = y_m - x_m``; with ``y_m >= x_m`` the weight is binary, so weighting is
       masking and MONAI's ``MaskedDiceLoss`` computes it:
       ``1 - (2 sum w y y^ + eps) / (sum w y + sum w y^ + eps)``.
+    * ``partial_dice``: ``"all"`` computes ``DL`` over every pixel, as Eq. 2 reads; ``"undecided"``
+      over the pixels ``x_m`` leaves open (``MaskedDiceLoss`` with ``1 - x_m``). Over all pixels the
+      decided part ``x_m``, matched for free by construction, lifts the Dice, and a soft Dice
+      only adds a pixel whose chance of being in the target exceeds about Dice / 2, a bar no
+      undecided pixel of a random growth shape reaches.
     """
 
-    def __init__(self, beta0: float = 1.0, beta1: float = 1e-3) -> None:
+    def __init__(self, beta0: float = 1.0, beta1: float = 1e-3, partial_dice: str = "all") -> None:
         super().__init__()
-        self.beta0, self.beta1 = beta0, beta1
+        if partial_dice not in PARTIAL_DICE_MODES:
+            raise ValueError(f"partial_dice must be one of {PARTIAL_DICE_MODES}, got {partial_dice!r}")
+        self.beta0, self.beta1, self.partial_dice = beta0, beta1, partial_dice
         self.dice = DiceLoss(sigmoid=False)
         self.weighted_dice = MaskedDiceLoss(sigmoid=False)
 
@@ -49,6 +59,9 @@ class ProposalLoss(nn.Module):
         Returns ``{"loss", "wdl", "dl", "kl"}`` (scalars; ``loss`` is the weighted sum).
         """
         wdl = self.weighted_dice(pred_s, target_s, mask=target_m - x_m)
-        dl = self.dice(pred_m, target_m)
+        if self.partial_dice == "all":
+            dl = self.dice(pred_m, target_m)
+        else:
+            dl = self.weighted_dice(pred_m, target_m, mask=1.0 - x_m)
         kl = kl_standard_normal(mu, logvar)
         return {"loss": wdl + self.beta0 * dl + self.beta1 * kl, "wdl": wdl, "dl": dl, "kl": kl}

@@ -18,7 +18,7 @@ from torch import nn
 
 from OAIMSSegment.errors import ModelError
 
-__all__ = ["ProposalConfig", "ProposalModel", "compose", "binarise", "stack_planes"]
+__all__ = ["SEGMENTATION_PROBABILITIES", "ProposalConfig", "ProposalModel", "compose", "binarise", "stack_planes"]
 
 
 @dataclass(frozen=True)
@@ -115,23 +115,37 @@ class ProposalModel(nn.Module):
         return self.decode(z, x), mu, logvar
 
 
-def compose(logits: torch.Tensor, x_m: torch.Tensor, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+#: How the soft ``y^_s`` of :func:`compose` is kept inside ``y^_m`` (the paper does not say).
+SEGMENTATION_PROBABILITIES = ("joint", "conditional")
+
+
+def compose(
+    logits: torch.Tensor, x_m: torch.Tensor, x_s: torch.Tensor, segmentation: str = "joint"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft proposal under the paper's constraints.
 
     With ``p_m = sigmoid(a_m)`` (probability that a pixel is decided) and ``p_s = sigmoid(a_s)``
     (probability that a decided pixel is foreground):
-    ``y^_m = x_m + (1 - x_m) p_m`` and ``y^_s = x_m x_s + (1 - x_m) p_m p_s``, so that
-    ``y^_m >= x_m``, ``y^_s = x_s`` on ``x_m`` and ``y^_s <= y^_m`` hold for any weights.
+    ``y^_m = x_m + (1 - x_m) p_m`` and, with ``segmentation="joint"``,
+    ``y^_s = x_m x_s + (1 - x_m) p_m p_s`` (the probability of "decided and foreground"), so
+    that ``y^_m >= x_m``, ``y^_s = x_s`` on ``x_m`` and ``y^_s <= y^_m`` hold for any weights.
+    ``"conditional"`` returns ``y^_s = x_m x_s + (1 - x_m) p_s``, the probability of foreground
+    given decided: the loss's weight ``y_m - x_m`` only looks at decided pixels, and the
+    constraint then holds for the hard proposal (:func:`binarise`) only; the segmentation
+    term no longer pulls ``p_m`` up on foreground.
 
     Args:
         logits: ``(B, 2, H, W)``; x_m, x_s: ``(B, 1, H, W)`` in {0, 1}, ``x_s <= x_m``.
+        segmentation: ``"joint"`` or ``"conditional"``.
 
     Returns:
         ``(y^_m, y^_s)``, each ``(B, 1, H, W)`` in ``[0, 1]``.
     """
+    if segmentation not in SEGMENTATION_PROBABILITIES:
+        raise ValueError(f"segmentation must be one of {SEGMENTATION_PROBABILITIES}, got {segmentation!r}")
     p_m, p_s = torch.sigmoid(logits[:, :1]), torch.sigmoid(logits[:, 1:2])
     free = 1.0 - x_m
-    return x_m + free * p_m, x_m * x_s + free * p_m * p_s
+    return x_m + free * p_m, x_m * x_s + free * (p_m * p_s if segmentation == "joint" else p_s)
 
 
 def binarise(logits: torch.Tensor, x_m: torch.Tensor, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

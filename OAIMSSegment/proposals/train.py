@@ -44,8 +44,15 @@ def train(
     config: ProposalConfig = ProposalConfig(),
     growth: str = "random",
     log_every: int = 250,
+    partial_dice: str = "all",
+    kl_warmup: int = 0,
+    segmentation: str = "joint",
 ) -> tuple[ProposalModel, list[dict[str, float]]]:
     """Train the CVAE with Adam on Eq. 3 (beta0 = 1, beta1 = 1e-3).
+
+    ``partial_dice``: see :class:`ProposalLoss`. ``kl_warmup``: steps over which the KL weight
+    rises linearly from 0 to beta1 (0: beta1 from the start, as the paper states nothing else).
+    ``segmentation``: how ``y^_s`` is kept inside ``y^_m`` in the loss (see :func:`compose`).
 
     Returns the model (eval mode) and the log: one ``{"step", "loss", "wdl", "dl", "kl"}``
     per ``log_every`` steps, each averaged over those steps.
@@ -53,17 +60,19 @@ def train(
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
     model = ProposalModel(config)
-    loss_fn = ProposalLoss()
+    loss_fn = ProposalLoss(partial_dice=partial_dice)
+    beta1 = loss_fn.beta1
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     log: list[dict[str, float]] = []
     sums: dict[str, float] = {}
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
+        loss_fn.beta1 = beta1 * min(1.0, step / kl_warmup) if kl_warmup else beta1
         data = sample_batch(images, batch, rng, augment, growth)
         x, y = data["x"], data["y"]
         logits, mu, logvar = model(x, y)
-        pred_m, pred_s = compose(logits, x[:, 1:2], x[:, 2:3])
+        pred_m, pred_s = compose(logits, x[:, 1:2], x[:, 2:3], segmentation)
         terms = loss_fn(pred_m, pred_s, y[:, :1], y[:, 1:2], x[:, 1:2], mu, logvar)
         optimizer.zero_grad()
         terms["loss"].backward()
