@@ -6,7 +6,10 @@ owns the image, the clicks, the optimizer and the safety nets (undo snapshots, t
 guard) and passes itself to the method's hooks:
 
 * ``mi_loss(session, clicks)``: the loss of the MI step after ``clicks[-1]`` (working pixels;
-  the new click is last); the session takes the optimizer step,
+  the new click is last); the session takes the optimizer step. The session's passes
+  ``initial_logits`` (P_t^initial, shared with the first feedback), ``previous_logits``
+  (P_{t-1} with gradients, from the kept graph when ``uses_previous_prediction``) and
+  ``train_logits_and_labels`` (one pass for both) avoid repeating forward passes,
 * ``after_mi_step(session)``: e.g. TSCA's teacher update,
 * ``pi_update(session, final, n_clicks)``: the post-interaction update towards the accepted
   working class map ``final (Hp, Wp)``; returns the loss of each stage,
@@ -60,6 +63,8 @@ class AdaptationMethod:
         mi: adapts after every click but an image's first (Algorithm 1, lines 15-20).
         pi: adapts when the segment is accepted (Algorithm 1, lines 22-32).
         overrides: :class:`~OAIMSSegment.session.AdaptConfig` fields this method fixes.
+        uses_previous_prediction: ``mi_loss`` takes P_{t-1} from ``session.previous_logits``, so
+            the session keeps the graph of each shown prediction for the next click.
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +72,7 @@ class AdaptationMethod:
     mi: ClassVar[bool] = False
     pi: ClassVar[bool] = False
     overrides: ClassVar[dict[str, object]] = {}
+    uses_previous_prediction: ClassVar[bool] = False
 
     def __init__(self, model: ClickSegmenter) -> None:
         """``model``: the session's network (a method may copy it, e.g. TSCA's teacher)."""
@@ -125,29 +131,28 @@ class OAIMS(AdaptationMethod):
     description = "OAIMS: a CCG step after every click and a two-stage update on accept"
     mi = True
     pi = True
+    uses_previous_prediction = True
 
     def initial_labels(self, session: InteractiveSession, clicks: Sequence[Click]) -> torch.Tensor:
         """Hard labels ``(Hp, Wp)`` of P_t^initial: the prediction with every click, no gradient."""
-        with torch.no_grad():
-            return hard_labels(session.predict_logits(clicks))[0]
+        return hard_labels(session.initial_logits(list(clicks)))[0]
 
     def mi_loss(self, session: InteractiveSession, clicks: Sequence[Click]) -> torch.Tensor:
-        """Algorithm 1, lines 17-18: pseudo label P_t^initial (no gradient) supervises P_{t-1}."""
+        """Algorithm 1, lines 17-18: pseudo label P_t^initial (no gradient) supervises P_{t-1}
+        (with gradient: the previous click's shown prediction, whose graph the session kept)."""
         click = clicks[-1]
         pseudo_label = self.initial_labels(session, clicks)
         if session.config.mi_click_label:
             pseudo_label = stamp_clicks(pseudo_label, [click], session.config.sigma)
-        previous = session.train_logits(clicks[:-1])
+        previous = session.previous_logits(list(clicks[:-1]))
         return oaims_loss(session, previous, pseudo_label, [click])
 
     def pi_update(self, session: InteractiveSession, final: torch.Tensor, n_clicks: int) -> dict[str, float]:
         """Algorithm 1, lines 22-32: stage 1 refits the first-click prediction to ``final``;
         stage 2 trains on up to ``n_clicks`` clicks generated in its remaining errors."""
         clicks = session.working_clicks
-        first = clicks[:1]
-        with torch.no_grad():
-            first_labels = hard_labels(session.predict_logits(first))[0]
-        losses = {"stage1": session.optimizer_step(session.dice_focal(session.train_logits(first), final[None]))}
+        first_logits, first_labels = session.train_logits_and_labels(clicks[:1])
+        losses = {"stage1": session.optimizer_step(session.dice_focal(first_logits, final[None]))}
         generated = ranked_error_clicks(
             first_labels.numpy(), final.numpy(), session.card.num_classes, n_clicks, _image_rng(clicks)
         )
@@ -230,8 +235,7 @@ class TSCA(AdaptationMethod):
     def mi_loss(self, session: InteractiveSession, clicks: Sequence[Click]) -> torch.Tensor:
         cfg, binary = session.config, session.card.binary
         logits = session.train_logits(clicks)
-        with torch.no_grad():
-            teacher_labels = hard_labels(session.predict_logits(clicks))[0]
+        teacher_labels = hard_labels(session.initial_logits(list(clicks)))[0]  # the teacher's P_t^initial
         rows, cols, labels = clicked_pixels(clicks)
         clicked = logits[0, :, rows, cols].T[..., None]  # (N, L, 1): the clicked pixels as a batch
         focal = FocalLoss(use_softmax=not binary, to_onehot_y=not binary)

@@ -7,7 +7,9 @@ in online adaptation) and, for the image being segmented, the clicks and predict
 * :meth:`~InteractiveSession.start` an image (raw intensities, the model card's
   normalisation is applied here),
 * :meth:`~InteractiveSession.add_click` returns the new prediction; with Mid-Interaction
-  adaptation (MI) on, it first takes one optimizer step (Algorithm 1, lines 15-20),
+  adaptation (MI) on, it first takes one optimizer step (Algorithm 1, lines 15-20); its
+  ``on_first_feedback`` callback receives the prediction with the new click and the old
+  weights (P_t^initial, one forward pass) before the step,
 * :meth:`~InteractiveSession.undo` the last click (prediction *and* that click's update),
 * :meth:`~InteractiveSession.accept` the segment: with Post-Interaction adaptation (PI)
   on, two optimizer steps using the accepted mask as pseudo ground truth (lines 22-32),
@@ -16,6 +18,13 @@ in online adaptation) and, for the image being segmented, the clicks and predict
 Methods (``method=``): the names of :data:`OAIMSSegment.methods.METHODS`; each method's MI loss
 and PI update live in :mod:`OAIMSSegment.methods`, the session keeps the image, its clicks (one
 :class:`ClickStep` per click), the optimizer and the safety nets (undo, discard, the PI guard).
+
+Passes are not repeated (issue 21; ``reuse_graphs=False`` keeps the old computation, for the
+tests and ``bench``): the shown prediction is computed with its graph kept when the next MI
+step needs it as P_{t-1}; P_t^initial serves the first feedback and the MI pseudo label; the PI
+drift guard's "before" is the last click's prediction; PI stage 1 takes the first-click
+labels and gradients from one pass. Each is used only when it is provably the same
+computation (:mod:`OAIMSSegment.reuse`).
 
 Optimizer: Adam, chosen by the measured sweep recorded in ``docs/BENCHMARKS.md``. Its
 state (moment estimates) is part of :meth:`~InteractiveSession.state_dict`, so a site
@@ -27,6 +36,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,6 +48,8 @@ from OAIMSSegment.methods import METHODS as METHOD_CLASSES
 from OAIMSSegment.methods import AdaptationMethod, get_method, weights_snapshot
 from OAIMSSegment.metrics import mean_foreground_dice
 from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, hard_labels, probabilities
+from OAIMSSegment.reuse import train_equals_eval, weights_version
+from OAIMSSegment.validation import accepted_mask, click_input
 
 #: Every method name, in registry order (:data:`OAIMSSegment.methods.METHODS` maps them to classes).
 METHODS = tuple(METHOD_CLASSES)
@@ -161,6 +173,14 @@ class ClickStep:
     result: ClickResult
 
 
+@dataclass
+class _Pass:
+    """Logits of one forward pass and what they were computed from: a pass is reused only for
+    the same ``clicks`` (working pixels) and the same weights (:func:`weights_version`)."""
+
+    clicks: tuple[Click, ...]
+    version: tuple[int, ...]
+    logits: torch.Tensor
 
 
 class InteractiveSession:
@@ -170,12 +190,18 @@ class InteractiveSession:
         model: the segmentation model; its weights are updated in place by adaptive methods.
         method: one of :data:`METHODS`.
         config: adaptation hyper-parameters (the method's overrides are applied on top).
+        reuse_graphs: reuse forward passes (see the module docstring); False repeats them as
+            before issue 21 (the same weights and masks, more passes: the reference the tests
+            and ``bench`` compare with).
     """
 
-    def __init__(self, model: ClickSegmenter, method: str = "pi+mi", config: AdaptConfig | None = None) -> None:
+    def __init__(self, model: ClickSegmenter, method: str = "pi+mi", config: AdaptConfig | None = None,
+                 reuse_graphs: bool = True) -> None:
         method_class = get_method(method)
         self.model = model
         self.card = model.card
+        self.reuse_graphs = reuse_graphs
+        self._mode_free = train_equals_eval(model.net)
         self.pretrained = weights_snapshot(model)
         self._configure(method, method_class, config or AdaptConfig())
         self.adaptation: AdaptationMethod = method_class(model)
@@ -238,33 +264,51 @@ class InteractiveSession:
         self.prepared = prepared
         self._image_start = self.state_dict()
 
-    def add_click(self, position: tuple[float, ...], label: int) -> ClickResult:
+    def add_click(self, position: tuple[float, ...], label: int,
+                  on_first_feedback: Callable[[ClickResult], None] | None = None) -> ClickResult:
         """Add a click (``position`` an array index ``(row, col)`` in original pixels; ``label``
         the class, 0 = background) and return the new prediction.
 
         With MI on, the click first triggers one optimizer step (Algorithm 1, lines 17-19)
         unless it is the image's first click, which has no previous prediction to correct.
+
+        ``on_first_feedback(result)``, when given, is called once, as soon as a prediction with
+        the new click exists: before an MI step, with the prediction of the new click and the
+        weights before the step (P_t^initial: one forward pass, ``adapt_ms`` 0, ``loss`` None),
+        which the returned P_t then replaces; without an MI step, with the returned result
+        itself. An exception it raises aborts the click like any other (nothing is recorded).
+
+        Raises :class:`~OAIMSSegment.errors.InvalidClickError` for a position that is not a
+        finite ``(row, col)`` inside the image or a label that is not a class of the model.
         """
         prepared = self._require_image()
+        position, label = click_input(position, label, self.card.num_classes)
         started = time.perf_counter()
-        click = self.model.working_click(prepared, Click(tuple(position), int(label)))
-        original = Click(tuple(int(round(float(v))) for v in position), int(label))
+        click = self.model.working_click(prepared, Click(position, label))
+        original = Click(tuple(int(round(v)) for v in position), label)
         clicks = self.working_clicks + [click]
         snapshot = self.state_dict() if self.mi_enabled and self._steps else None
         loss, adapt_ms = None, 0.0
         try:
             if snapshot is not None:
                 adapt_start = time.perf_counter()
+                if on_first_feedback is not None:
+                    on_first_feedback(self._result(self.initial_logits(clicks), original, started, 0.0, None))
                 loss = self._mid_interaction(clicks, snapshot)
                 adapt_ms = (time.perf_counter() - adapt_start) * 1000.0
-            with torch.no_grad():
-                logits = self.predict_logits(clicks)
+            logits = self._shown_logits(clicks)
+            result = self._result(logits, original, started, adapt_ms, loss)
+            if snapshot is None and on_first_feedback is not None:
+                on_first_feedback(result)
         except BaseException:
+            self._kept = None
             if snapshot is not None:  # the click is not recorded, so neither is its update
                 self.load_state_dict(snapshot)
             raise
-        result = self._result(logits, original, started, adapt_ms, loss)
+        finally:
+            self._initial = None
         self._steps.append(ClickStep(original, click, snapshot, hard_labels(logits)[0], result))
+        self._shown_version = self._weights_version()
         return result
 
     def resume(self, image: np.ndarray, clicks: list[Click]) -> np.ndarray | None:
@@ -289,6 +333,7 @@ class InteractiveSession:
         if not self._steps:
             raise SessionStateError("there is no click to undo")
         snapshot = self._steps.pop().snapshot
+        self._kept = self._shown_version = None  # passes of the undone click
         if snapshot is not None:
             self.load_state_dict(snapshot)
         return self.mask
@@ -305,6 +350,9 @@ class InteractiveSession:
         Args:
             mask: the accepted class map ``(H, W)`` at the original size, e.g. after the
                 clinician edited it; None accepts the current prediction.
+
+        Raises :class:`~OAIMSSegment.errors.InvalidMaskError` (the image stays open) for a mask
+        of another shape, with NaN, fractional or unknown labels.
         """
         prepared = self._require_image()
         if not self._steps:
@@ -312,14 +360,7 @@ class InteractiveSession:
         started = time.perf_counter()
         n_clicks = len(self._steps)
         if mask is not None:
-            mask = np.asarray(mask)
-            if mask.shape != prepared.original_shape:
-                raise SessionStateError(
-                    f"accepted mask has shape {mask.shape}, the image is {prepared.original_shape}"
-                )
-            if mask.min() < 0 or mask.max() >= self.card.num_classes:
-                raise SessionStateError(f"accepted mask has labels outside 0..{self.card.num_classes - 1}")
-            final = prepared.mask_to_working(mask)
+            final = prepared.mask_to_working(accepted_mask(mask, prepared.original_shape, self.card.num_classes))
         else:
             final = self._steps[-1].labels
         try:
@@ -351,6 +392,7 @@ class InteractiveSession:
         A state without optimizer state (a site store milestone) starts a fresh optimizer:
         moments estimated on other weights must not drive the next steps.
         """
+        self._kept = None  # a kept graph is of the weights being replaced
         self.model.load_state_dict(state["model"])
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
@@ -400,6 +442,38 @@ class InteractiveSession:
         self.model.train()
         return self.model.logits(self.prepared, clicks)
 
+    def initial_logits(self, clicks: list[Click]) -> torch.Tensor:
+        """P_t^initial: :meth:`predict_logits` with ``clicks`` at the current weights, no gradient,
+        computed once per click (the first feedback and the MI pseudo label share it)."""
+        version = self._weights_version()
+        initial = self._initial
+        if self.reuse_graphs and initial is not None and initial.clicks == tuple(clicks) and initial.version == version:
+            return initial.logits
+        with torch.no_grad():
+            logits = self.predict_logits(clicks)
+        self._initial = _Pass(tuple(clicks), version, logits)
+        return logits
+
+    def previous_logits(self, clicks: list[Click]) -> torch.Tensor:
+        """P_{t-1} for the MI step: :meth:`train_logits` with ``clicks`` (the image's clicks before
+        the new one). The shown prediction's kept graph when it is this computation (same clicks,
+        same weights), else a new forward pass. A graph is freed by its backward pass, so it is
+        handed out once."""
+        kept, self._kept = self._kept, None
+        if kept is not None and kept.clicks == tuple(clicks) and kept.version == self._weights_version():
+            return kept.logits
+        return self.train_logits(clicks)
+
+    def train_logits_and_labels(self, clicks: list[Click]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`train_logits` with ``clicks`` and the hard labels ``(Hp, Wp)`` of
+        :meth:`predict_logits` with the same clicks and weights: one pass when the two are the
+        same computation, two otherwise."""
+        logits = self.train_logits(clicks)
+        if self._passes_interchangeable():
+            return logits, hard_labels(logits.detach())[0]
+        with torch.no_grad():
+            return logits, hard_labels(self.predict_logits(clicks))[0]
+
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """One optimizer step on ``loss``; returns its value before the step. Raises
         FloatingPointError (taking no step) for a non-finite loss."""
@@ -422,6 +496,31 @@ class InteractiveSession:
         self.prepared: PreparedImage | None = None
         self._steps: list[ClickStep] = []
         self._image_start: dict | None = None
+        self._kept: _Pass | None = None  # the shown prediction with its graph (P_{t-1} of the next MI step)
+        self._initial: _Pass | None = None  # P_t^initial of the click in progress
+        self._shown_version: tuple[int, ...] | None = None  # weights of the last click's prediction
+
+    def _weights_version(self) -> tuple[int, ...]:
+        """:func:`~OAIMSSegment.reuse.weights_version` of the adapted model and of the predictor."""
+        predictor = self.adaptation.predictor(self)
+        return weights_version(self.model) if predictor is self.model else weights_version(self.model, predictor)
+
+    def _passes_interchangeable(self) -> bool:
+        """Whether a train-mode pass of the adapted model is the shown predictor's eval-mode pass."""
+        return self.reuse_graphs and self._mode_free and self.adaptation.predictor(self) is self.model
+
+    def _shown_logits(self, clicks: list[Click]) -> torch.Tensor:
+        """The prediction shown after a click, ``(1, 1|K, Hp, Wp)`` without graph. When the next
+        click's MI step takes it as P_{t-1} (:meth:`previous_logits`), it is computed in train
+        mode with gradients and its graph kept: the next step then skips that forward pass."""
+        self._kept = None
+        if self.mi_enabled and self.adaptation.uses_previous_prediction and self._passes_interchangeable():
+            logits = self.train_logits(clicks)
+            if logits.requires_grad:  # not under a caller's torch.no_grad()
+                self._kept = _Pass(tuple(clicks), self._weights_version(), logits)
+            return logits.detach()
+        with torch.no_grad():
+            return self.predict_logits(clicks)
 
     def _result(self, logits: torch.Tensor, click: Click, started: float, adapt_ms: float, loss: float | None) -> ClickResult:
         probs = probabilities(self.prepared.logits_to_original(logits))[0]
@@ -448,7 +547,10 @@ class InteractiveSession:
     def _post_interaction(self, final: torch.Tensor, started: float, n_clicks: int) -> AcceptResult:
         """The method's PI update (Algorithm 1, lines 22-32), undone if it harms the accepted image."""
         before = self.state_dict()
-        dice_before = self._prediction_dice(final)
+        if self.reuse_graphs and self._shown_version == self._weights_version():  # the last click's prediction
+            dice_before = mean_foreground_dice(self._steps[-1].labels, final, self.card.num_classes)
+        else:
+            dice_before = self._prediction_dice(final)
         elapsed = lambda: (time.perf_counter() - started) * 1000.0  # noqa: E731
         try:
             losses = self.adaptation.pi_update(self, final, n_clicks)
