@@ -90,6 +90,22 @@ def _session_round(session: InteractiveSession, image: np.ndarray, clicks: list[
     times["pi"].append(accepted.latency_ms)
 
 
+def propagate40(model: ClickSegmenter, image: np.ndarray) -> None:
+    """Propagation through 40 slices by the volume session (:mod:`OAIMSSegment.volume`): a stack of
+    41 copies of the bench image, one click on the middle slice, then propagation up and down, one
+    forward pass per slice. Raises if propagation stopped early (the figure would not be 40 slices)."""
+    from OAIMSSegment.volume import VolumeSession
+
+    volume = VolumeSession(InteractiveSession(model, "frozen"))
+    volume.open(np.stack([image] * 41))
+    size = image.shape[-1]
+    volume.click(20, (size * 3 // 8, size * 3 // 8), 1, propagate=False)
+    changed = volume.propagate(20)
+    volume.discard()
+    if len(changed) != 40:
+        raise RuntimeError(f"propagation reached {len(changed)} of 40 slices")
+
+
 def bench_model(name: str, repeats: int = 20, size: int = 256, seed: int = 0, timings: Timings | None = None) -> dict:
     """The figures of one shipped model (see the module docstring)."""
     rng = np.random.default_rng(seed)
@@ -153,7 +169,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench(tuple(args.models), args.repeats, args.size)
+    result = bench(tuple(args.models), args.repeats, args.size, timings={"propagate40": propagate40})
     atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     for name, figures in result["models"].items():
         print(f"{name} at {figures['working_shape'][0]}x{figures['working_shape'][1]}:")
