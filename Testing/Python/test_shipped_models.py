@@ -12,7 +12,12 @@ from OAIMSSegment.evaluate import class_dice, mean_foreground
 from OAIMSSegment.model import list_models, load_model, sha256_file, MODELS_DIR
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
 
-SHIPPED = {"demo-synthetic-blobs": None, "brain-lesion-flair": "Dataset001_BraTS18_FLAIR", "fundus-disc-cup": "Dataset003_DrishtiGS"}
+SHIPPED = {
+    "demo-synthetic-blobs": None,
+    "brain-lesion-flair": "Dataset001_BraTS18_FLAIR",
+    "brain-lesion-robust": "Dataset005_LGG_FLAIR",  # trained on BraTS18 + LGG FLAIR; checked on the larger collection
+    "fundus-disc-cup": "Dataset003_DrishtiGS",
+}
 
 
 def clicked_dice(session, sample, clicks: int, seed: int = 0) -> float:
@@ -39,7 +44,7 @@ def test_shipped_model_card_and_checksum(name):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name", ["brain-lesion-flair", "fundus-disc-cup"])
+@pytest.mark.parametrize("name", ["brain-lesion-flair", "brain-lesion-robust", "fundus-disc-cup"])
 def test_shipped_model_segments_real_images(name):
     dataset = NnUNetDataset(require_shared_data(SHIPPED[name]))
     samples = [s for s in dataset.samples("Ts", min_foreground=300)]
