@@ -78,7 +78,10 @@ class Recipe:
         if self.geometry is not None:
             self.geometry.set_random_state(seed=int(rng.integers(2**31)))
             moved = self.geometry({"image": image, "label": label[None].float()})
-            image, label = torch.as_tensor(moved["image"]), torch.as_tensor(moved["label"])[0].round().long()
+            moved_label = torch.as_tensor(moved["label"])[0].round().long()
+            if bool((moved_label > 0).any()) or not bool((label > 0).any()):
+                # a move that takes all of the target out of view leaves nothing to click: keep the image as it was
+                image, label = torch.as_tensor(moved["image"]), moved_label
         if self.intensity is not None:
             self.intensity.set_random_state(seed=int(rng.integers(2**31)))
             low, high = image.amin(dim=(-2, -1), keepdim=True), image.amax(dim=(-2, -1), keepdim=True)

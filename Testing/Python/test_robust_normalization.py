@@ -112,3 +112,12 @@ def test_augmentation_recipes_are_seeded_and_keep_image_and_label_aligned(recipe
 def test_intensity_recipes_refuse_a_normalisation_that_needs_a_zero_background():
     with pytest.raises(ModelError, match="zscore_nonzero"):
         RECIPES["scanner"]("zscore_nonzero")
+
+
+def test_spatial_augmentation_never_moves_the_whole_target_out_of_view():
+    image = torch.from_numpy(normalize(head_like_image(), "robust_percentile"))
+    label = torch.zeros(96, 96, dtype=torch.long)
+    label[1:4, 1:4] = 1  # a target in the corner, which rotations and zooms push out of the image
+    augment = RECIPES["scanner"]("robust_percentile")
+    kept = [bool((augment(image, label, np.random.default_rng(seed))[1] > 0).any()) for seed in range(40)]
+    assert all(kept)  # pretraining needs a foreground pixel for the localization click
