@@ -45,7 +45,7 @@ MODELS_DIR = _shipped_models_dir()
 SEGMENTER_KIND = "click-segmenter"
 PROPOSALS_KIND = "proposals"
 
-NORMALIZATIONS = ("zscore_nonzero", "zscore")
+NORMALIZATIONS = ("zscore_nonzero", "zscore", "robust_percentile")
 
 #: Smallest image side the engine accepts (a U-Net with four 2x down-samplings needs 16 px).
 MIN_SIDE = 16
@@ -62,7 +62,10 @@ class ModelCard:
         channel_names: one name per image channel.
         labels: class name -> index; ``"background": 0`` always present.
         normalization: ``"zscore_nonzero"`` (MRI: 0.5-99.5 percentile clip and z-score over
-            non-zero pixels, zero background kept at 0) or ``"zscore"`` (per channel, all pixels).
+            non-zero pixels, zero background kept at 0), ``"zscore"`` (per channel, all pixels) or
+            ``"robust_percentile"`` (per channel: clip to the image's own 0.5-99.5 percentiles, then
+            z-score over all pixels; assumes no background value, skull stripping, bit depth or
+            scale, and is invariant to any increasing affine change of intensities).
         guidance_sigma: Gaussian smoothing of the click guidance maps, in working pixels.
         working_size: ``None`` to segment at the image's native resolution, or a side length
             in pixels: the image's longer side is resized to it (aspect kept) before the network.
@@ -295,7 +298,14 @@ class ClickSegmenter(nn.Module):
 
 
 def normalize(array: np.ndarray, method: str) -> np.ndarray:
-    """Intensity normalisation of a ``(C, H, W)`` float32 array (see :class:`ModelCard`)."""
+    """Intensity normalisation of a ``(C, H, W)`` float32 array (see :class:`ModelCard`).
+
+    Raises:
+        InvalidImageError: ``"robust_percentile"`` given a channel that is empty, not finite
+            or constant (nothing it could scale).
+    """
+    if method == "robust_percentile":
+        return np.stack([robust_percentile(channel) for channel in array])
     out = np.zeros_like(array)
     for c, channel in enumerate(array):
         if method == "zscore_nonzero":
@@ -309,6 +319,33 @@ def normalize(array: np.ndarray, method: str) -> np.ndarray:
         else:
             out[c] = (channel - channel.mean()) / max(float(channel.std()), 1e-6)
     return out
+
+
+#: Percentiles that ``"robust_percentile"`` clips each channel to (outliers, hot pixels, skull fat).
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+def robust_percentile(channel: np.ndarray) -> np.ndarray:
+    """One channel ``(H, W)``, any scale -> clipped to its own 0.5-99.5 percentiles and z-scored
+    over all pixels (float32). Any map ``a * x + b`` with ``a > 0`` leaves the result unchanged, so
+    it needs no background value, bit depth or intensity unit. When the percentiles coincide (a
+    mostly constant image with a small structure) the clip falls back to the full range.
+
+    Raises:
+        InvalidImageError: the channel is empty, has a NaN or infinite value, or is constant.
+    """
+    values = np.asarray(channel, dtype=np.float64)
+    if values.size == 0:
+        raise InvalidImageError("image is empty (no pixels)")
+    if not np.isfinite(values).all():
+        raise InvalidImageError("image contains NaN or infinite values: robust_percentile cannot normalise it")
+    low, high = np.percentile(values, ROBUST_PERCENTILES)
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        raise InvalidImageError("image is constant (every pixel the same): robust_percentile cannot normalise it")
+    clipped = (np.clip(values, low, high) - low) / (high - low)
+    return ((clipped - clipped.mean()) / max(float(clipped.std()), 1e-6)).astype(np.float32)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -31,12 +31,13 @@ from monai.transforms import RandHistogramShift
 from tqdm import tqdm
 
 from OAIMSSegment import arguments as types
+from OAIMSSegment.augment import RECIPES, Recipe
 from OAIMSSegment.clicks import Click, correction_click, guidance_maps, localization_click, ranked_error_clicks
 from OAIMSSegment.data import NnUNetDataset, Sample, synthetic_samples
 from OAIMSSegment.errors import DatasetError, InvalidImageError, ModelError
 from OAIMSSegment.losses import DiceFocal, ccg_loss
 from OAIMSSegment.files import atomic_write_bytes
-from OAIMSSegment.model import ClickSegmenter, ModelCard, hard_labels, load_model, save_model
+from OAIMSSegment.model import NORMALIZATIONS, ClickSegmenter, ModelCard, hard_labels, load_model, save_model
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PretrainConfig:
     intensity_remap: float = 0.0
     bf16: bool = False
     average_last: float = 0.0
+    augment: str = "none"
 
 
 def to_working(model: ClickSegmenter, samples: list[Sample]) -> list[TrainItem]:
@@ -119,10 +121,13 @@ def remap_intensities(image: torch.Tensor, rng: np.random.Generator) -> torch.Te
     return out
 
 
-def _augment(item: TrainItem, rng: np.random.Generator, remap: float = 0.0) -> TrainItem:
-    """Flips, with probability ``remap`` a random intensity curve (:func:`remap_intensities`),
-    and a random intensity scale, shift and noise of the normalised image."""
+def _augment(item: TrainItem, rng: np.random.Generator, remap: float = 0.0, recipe: Recipe | None = None) -> TrainItem:
+    """Flips, the named MONAI ``recipe`` (:mod:`OAIMSSegment.augment`), with probability ``remap``
+    a random intensity curve (:func:`remap_intensities`), and a random intensity scale, shift and
+    noise of the normalised image."""
     image, label = item.image, item.label
+    if recipe is not None:
+        image, label = recipe(image, label, rng)
     if rng.random() < 0.5:
         image, label = image.flip(-1), label.flip(-1)
     if rng.random() < 0.5:
@@ -137,9 +142,9 @@ def _augment(item: TrainItem, rng: np.random.Generator, remap: float = 0.0) -> T
     return TrainItem(image.contiguous(), label.contiguous())
 
 
-def _batch(items: list[TrainItem], config: PretrainConfig, rng: np.random.Generator) -> list[TrainItem]:
+def _batch(items: list[TrainItem], config: PretrainConfig, rng: np.random.Generator, recipe: Recipe | None = None) -> list[TrainItem]:
     picked = [items[i] for i in rng.integers(len(items), size=config.batch_size)]
-    batch = [_augment(_crop(item, config.crop, rng), rng, config.intensity_remap) for item in picked]
+    batch = [_augment(_crop(item, config.crop, rng), rng, config.intensity_remap, recipe) for item in picked]
     multiple = 16
     height = max(b.label.shape[0] for b in batch)
     width = max(b.label.shape[1] for b in batch)
@@ -230,6 +235,7 @@ def pretrain(
     items = to_working(model, samples)
     if not items:
         raise DatasetError(f"none of the {len(samples)} training image(s) can be used (see the skipped images above)")
+    recipe = None if config.augment == "none" else RECIPES[config.augment](card.normalization)
     # Stochastic weight averaging (SWA): the saved weights are the uniform mean of the weights after
     # each of the last ``average_last`` fraction of steps (flatter minima; docs/ENGINE.md).
     average_from = config.steps - max(1, round(config.average_last * config.steps)) if config.average_last else None
@@ -253,7 +259,7 @@ def pretrain(
     losses: list[float] = []
     with tqdm(total=config.steps, initial=step, desc=f"pretrain {card.name}", unit="step") as progress:
         while step < config.steps:
-            loss = train_step(model, optimizer, _batch(items, config, rng), dice_focal, config, rng)
+            loss = train_step(model, optimizer, _batch(items, config, rng, recipe), dice_focal, config, rng)
             if not np.isfinite(loss):
                 raise ModelError(f"training diverged at step {step} (loss {loss}); lower --lr")
             scheduler.step()
@@ -278,7 +284,7 @@ def pretrain(
     training = {
         **card.training,
         "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "crop": config.crop,
-        "max_clicks": config.max_clicks, "iterative": config.iterative, "intensity_remap": config.intensity_remap, "bf16": config.bf16, "average_last": config.average_last, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
+        "max_clicks": config.max_clicks, "iterative": config.iterative, "intensity_remap": config.intensity_remap, "bf16": config.bf16, "average_last": config.average_last, "augment": config.augment, "beta": config.beta, "sigma": config.sigma, "seed": config.seed,
         "samples": len(samples), "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "wall_s_last_run": round(time.time() - started, 1),
     }
@@ -290,13 +296,15 @@ def pretrain(
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pretrain", help="pretrain a click-guided model (Algorithm 2)")
-    parser.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder, or 'synthetic'")
+    parser.add_argument("--dataset", required=True, action="append",
+                        help="nnU-Net raw dataset folder, or 'synthetic'; repeat it (or give a comma list) to train on "
+                             "the imagesTr of several datasets with the same channels and labels")
     parser.add_argument("--out", type=types.writable_file, required=True,
                         help="weights file to write (a card <out>.json is written beside it; checked before training)")
     parser.add_argument("--name", help="model name (default: the output file's stem)")
     parser.add_argument("--task", default="", help="one-line description for the model card")
     parser.add_argument("--axis", default="axial", help="slicing orientation of 3D volumes")
-    parser.add_argument("--normalization", choices=["zscore_nonzero", "zscore"], help="default: zscore for RGB, zscore_nonzero otherwise")
+    parser.add_argument("--normalization", choices=list(NORMALIZATIONS), help="default: zscore for RGB, zscore_nonzero otherwise")
     parser.add_argument("--working-size", type=types.working_size,
                         help=f"resize the longer image side to this, 16..{types.MAX_WORKING_SIZE} px (default: native)")
     parser.add_argument("--channels", type=types.int_list, default="16,32,64,128,256", help="U-Net channels per level")
@@ -314,6 +322,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="bfloat16 mixed precision for training's forward/backward passes (faster on CPUs with AVX512-BF16)")
     parser.add_argument("--average-last", type=types.finite_float, default=0.0, metavar="F",
                         help="save the mean of the weights over the last fraction F of steps (stochastic weight averaging; 0: off)")
+    parser.add_argument("--augment", default="none", choices=sorted(RECIPES),
+                        help="named MONAI augmentation recipe (OAIMSSegment/augment.py; seeded by --seed)")
     parser.add_argument("--adaptation-lr", type=types.finite_float,
                         help="online-adaptation learning rate to record in the card (chosen by a held-out sweep)")
     parser.add_argument("--init", help="start from this model's weights (name or path) instead of a random initialisation")
@@ -333,7 +343,8 @@ def _run(args: argparse.Namespace) -> int:
     name = args.name or Path(args.out).stem
     channels = args.channels
     network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2, "norm": "instance"}
-    if args.dataset == "synthetic":
+    folders = [part for value in args.dataset for part in value.split(",") if part]
+    if folders == ["synthetic"]:
         samples = synthetic_samples(args.synthetic_n, "source", seed=args.seed)
         card = ModelCard(
             name=name, task=args.task or "Synthetic blob segmentation (demo)", image_channels=1,
@@ -343,19 +354,22 @@ def _run(args: argparse.Namespace) -> int:
                       "command": _command(args)},
         )
     else:
-        dataset = NnUNetDataset(args.dataset)
-        samples = list(dataset.samples("Tr", axis=args.axis))
+        datasets = [NnUNetDataset(folder) for folder in folders]
+        dataset = _same_layout(datasets)
+        samples = [sample for each in datasets for sample in each.samples("Tr", axis=args.axis)]
+        described = " + ".join(f"{each.name} imagesTr ({len(each.cases('Tr'))} cases)" for each in datasets)
         card = ModelCard(
-            name=name, task=args.task or f"Interactive segmentation trained on {dataset.name}",
+            name=name, task=args.task or f"Interactive segmentation trained on {described}",
             image_channels=dataset.image_channels, channel_names=dataset.channel_names, labels=dataset.labels,
             normalization=args.normalization or ("zscore" if dataset.rgb else "zscore_nonzero"),
             working_size=args.working_size or None, network=network, adaptation_lr=args.adaptation_lr,
-            training={"dataset": f"{dataset.name} imagesTr ({len(dataset.cases('Tr'))} cases, {args.axis} slices with foreground)",
+            training={"dataset": f"{described}, {args.axis} slices with foreground",
                       "command": _command(args)},
         )
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             crop=args.crop or None, seed=args.seed, iterative=args.iterative,
-                            intensity_remap=args.intensity_remap, bf16=args.bf16, average_last=args.average_last)
+                            intensity_remap=args.intensity_remap, bf16=args.bf16, average_last=args.average_last,
+                            augment=args.augment)
     init = None
     if args.init:
         init = load_model(args.init)
@@ -364,6 +378,18 @@ def _run(args: argparse.Namespace) -> int:
     saved = pretrain(card, samples, args.out, config, resume=not args.no_resume, init=init)
     print(f"saved {args.out} (sha256 {saved.sha256[:12]}...) and its card {Path(args.out).with_suffix('.json')}")
     return 0
+
+
+def _same_layout(datasets: list[NnUNetDataset]) -> NnUNetDataset:
+    """The first dataset, after checking that every one has its channels and labels (one model learns them all)."""
+    first = datasets[0]
+    for other in datasets[1:]:
+        if (other.channel_names, other.labels, other.rgb) != (first.channel_names, first.labels, first.rgb):
+            raise DatasetError(
+                f"{other.name} (channels {other.channel_names}, labels {other.labels}) cannot be trained together with "
+                f"{first.name} (channels {first.channel_names}, labels {first.labels})"
+            )
+    return first
 
 
 def _command(args: argparse.Namespace) -> str:

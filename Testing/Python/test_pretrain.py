@@ -138,3 +138,35 @@ def test_weight_averaging_saves_the_mean_of_the_last_steps_and_survives_a_resume
     whole = pretrain(tiny_card(), samples, tmp_path / "whole.pt", config, resume=False)
     resumed = _interrupted_then_resumed(monkeypatch, samples, tmp_path / "resumed.pt", config, steps_done=5)
     assert resumed.sha256 == whole.sha256
+
+
+def _training_set(root, **kwargs):
+    """A tiny nnU-Net dataset whose cases are its imagesTr/labelsTr."""
+    from conftest import write_nnunet_dataset
+
+    write_nnunet_dataset(root, **kwargs)
+    for kind in ("images", "labels"):
+        (root / f"{kind}Ts").rename(root / f"{kind}Tr")
+    return root
+
+
+def test_pretrain_on_several_datasets_with_an_augmentation_recipe(tmp_path, capsys):
+    from OAIMSSegment.cli import main
+    from OAIMSSegment.model import load_model
+
+    first, second = _training_set(tmp_path / "A", n=2), _training_set(tmp_path / "B", n=3)
+    base = ["pretrain", "--steps", "2", "--batch-size", "2", "--channels", "8,16,32", "--no-resume",
+            "--normalization", "robust_percentile", "--augment", "scanner"]
+    assert main([*base, "--dataset", str(first), "--dataset", str(second), "--out", str(tmp_path / "m.pt")]) == 0
+    card = load_model(tmp_path / "m.pt").card
+    assert card.normalization == "robust_percentile" and card.training["augment"] == "scanner"
+    assert "A imagesTr (2 cases) + B imagesTr (3 cases)" in card.training["dataset"]
+    assert card.training["samples"] == 3 * 5  # 3 slices with foreground per case
+    # a comma list is the same as repeating --dataset; the same seed draws the same augmentations
+    assert main([*base, "--dataset", f"{first},{second}", "--out", str(tmp_path / "again.pt")]) == 0
+    assert load_model(tmp_path / "again.pt").card.sha256 == card.sha256
+    # datasets with other channels or labels cannot train one model
+    fundus = _training_set(tmp_path / "eyes", kind="png", n=1, rgb=True)
+    assert main([*base, "--dataset", f"{first},{fundus}", "--out", str(tmp_path / "bad.pt")]) == 2
+    assert "cannot be trained together" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()

@@ -13,7 +13,12 @@ from OAIMSSegment.metrics import class_dice, mean_foreground
 from OAIMSSegment.model import list_models, load_model, MODELS_DIR
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
 
-SHIPPED = {"demo-synthetic-blobs": None, "brain-lesion-flair": "Dataset001_BraTS18_FLAIR", "fundus-disc-cup": "Dataset003_DrishtiGS"}
+SHIPPED = {
+    "demo-synthetic-blobs": None,
+    "brain-lesion-flair": "Dataset001_BraTS18_FLAIR",
+    "brain-lesion-robust": "Dataset005_LGG_FLAIR",  # trained on BraTS18 + LGG FLAIR; checked on the larger collection
+    "fundus-disc-cup": "Dataset003_DrishtiGS",
+}
 
 
 def clicked_dice(session, sample, clicks: int, seed: int = 0) -> float:
@@ -40,16 +45,16 @@ def test_shipped_model_card_and_checksum(name):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name", ["brain-lesion-flair", "fundus-disc-cup"])
+@pytest.mark.parametrize("name", ["brain-lesion-flair", "brain-lesion-robust", "fundus-disc-cup"])
 def test_shipped_model_segments_real_images(name):
     dataset = NnUNetDataset(require_shared_data(SHIPPED[name]))
     samples = [s for s in dataset.samples("Ts", min_foreground=300)]
     samples = samples[:: max(1, len(samples) // 6)][:6]
     session = InteractiveSession(load_model(name), "frozen")
     scores = [clicked_dice(session, sample, clicks=5) for sample in samples]
-    # Measured 0.91 (brain) and 0.94 (fundus) with the shipped models; an untrained network
-    # scores near 0. Full measured quality is in the model cards.
-    assert np.mean(scores) > 0.8, scores
+    # Measured 0.91 (brain), 0.80 (brain-lesion-robust, on LGG FLAIR) and 0.94 (fundus) with the
+    # shipped models; an untrained network scores near 0. Full measured quality is in the model cards.
+    assert np.mean(scores) > (0.75 if name == "brain-lesion-robust" else 0.8), scores
 
 
 def test_demo_model_adapts_to_the_shifted_site_and_guard_lets_ordinary_updates_pass():
