@@ -226,7 +226,18 @@ def volume_channels(volume_node: "slicer.vtkMRMLVolumeNode") -> int:
 
 
 def check_volume_for_model(volume_node: "slicer.vtkMRMLVolumeNode", model_channels: int, model_name: str = "the model") -> None:
-    """Raise :class:`InvalidImageError` with a plain explanation when the volume kind does not fit the model."""
+    """Raise :class:`InvalidImageError` with a plain explanation when there is no volume, when its
+    geometry cannot map clicks (zero, negative or non-finite spacing; a direction matrix, with its
+    parent transforms, that is not invertible) or when its kind does not fit the model."""
+    if volume_node is None:
+        raise InvalidImageError("no volume is selected: choose the volume to segment")
+    spacing = np.asarray(volume_node.GetSpacing(), dtype=float)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
+        raise InvalidImageError(f"volume '{volume_node.GetName()}' has voxel spacing {tuple(spacing)}: every spacing "
+                                "must be a positive number of mm (fix it in Volumes > Volume Information)")
+    if not np.isfinite(np.linalg.cond(ijk_to_world(volume_node))) or np.linalg.cond(ijk_to_world(volume_node)) > 1e12:
+        raise InvalidImageError(f"volume '{volume_node.GetName()}' has a degenerate geometry (its IJK-to-RAS matrix with "
+                                "its parent transforms is not invertible): clicks cannot be mapped to voxels")
     channels = volume_channels(volume_node)
     if channels == model_channels:
         return
@@ -317,6 +328,8 @@ def prepare_segmentation(segmentation_node: "slicer.vtkMRMLSegmentationNode", vo
     changing its frame or geometry would resample work the user already did; slices written
     into it are resampled onto its grid instead.
     """
+    if segmentation_node is None:
+        raise InvalidImageError("no segmentation is selected: choose one or create it with 'New segmentation'")
     _ensure_segmentation_converters()
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())

@@ -84,7 +84,10 @@ class SiteInfo:
         version: the store's current version (0: the pretrained model).
         images: accepted images behind that version (None: unknown).
         versions: the versions kept in the store, oldest first.
-        problem: why nothing is saved ("" when the site is usable).
+        problem: why nothing is saved, or why the weights in use are not the current version
+            ("" when neither).
+        in_use: the version whose weights the session uses (differs from ``version`` after a
+            fallback from a current version that does not fit, or when another workstation saved).
     """
 
     site: str
@@ -95,6 +98,7 @@ class SiteInfo:
     images: int | None = 0
     versions: list[int] = field(default_factory=list)
     problem: str = ""
+    in_use: int = 0
 
 
 class SiteSession:
@@ -142,6 +146,7 @@ class SiteSession:
         card = self.session.card
         self._site_model: SiteModel | None = None
         self.problem = ""
+        self.fallback = ""  # why the weights in use are not the store's current version ("" when they are)
         try:
             site_model = SiteModelStore(self.store_folder).open(self.site, card.name, card.sha256)
             self._load(site_model)
@@ -164,10 +169,17 @@ class SiteSession:
         try:
             self.session.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            # A current version this model cannot load (another architecture, foreign optimizer
+            # state) must not brick the site: fall back to the newest version that loads.
+            loaded = site_model.load_newest_loadable(lambda candidate: self._probe().load_state_dict(candidate))
             self.session.reset_weights()
-            raise StoreError(
-                f"version {version} of site {site_model.site!r} does not fit model {site_model.model_name!r}: {error}"
-            ) from error
+            if loaded.state is not None:
+                self.session.load_state_dict(loaded.state)
+            self.fallback = (f"version {version} of site {site_model.site!r} does not fit model "
+                             f"{site_model.model_name!r} ({error}); using version {loaded.version}")
+            _LOG.warning("OAIMSSegment: %s", self.fallback)
+            self._settle(loaded.version, _images_of(loaded.state, site_model, loaded.version) if loaded.state else 0)
+            return
         self._settle(version, _images_of(state, site_model, version))
 
     def _settle(self, version: int, images: int | None) -> None:
@@ -310,7 +322,7 @@ class SiteSession:
         """Site, model, method, store folder, the store's current version, images behind it, kept
         versions and the problem, if any (read from the store: another workstation may have saved)."""
         fields = dict(site=self.site, model=self.session.card.name, method=self.session.method,
-                      store_folder=self.store_folder, problem=self.problem)
+                      store_folder=self.store_folder, problem=self.problem or self.fallback, in_use=self.version)
         if self._site_model is None:
             return SiteInfo(**fields)
         try:

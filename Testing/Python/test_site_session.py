@@ -131,17 +131,31 @@ def test_sites_saved_before_the_count_was_kept_read_it_from_the_history(tmp_path
     assert site.accept().images == 8
 
 
-def test_a_version_that_does_not_fit_the_model_leaves_the_pretrained_weights_and_says_why(tmp_path):
+def test_a_current_version_that_does_not_fit_falls_back_to_the_newest_that_loads(tmp_path, disk_image):
     store = SiteModelStore(tmp_path / "sites").open("hospital-a", "tiny", "ab" * 32)
     torch.manual_seed(0)
     other = ClickSegmenter(tiny_card(network={"channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "instance"}))
     store.save_version({"model": other.state_dict()}, {})
-    site = site_session(tmp_path)
-    assert "version 1 of site 'hospital-a' does not fit model 'tiny'" in site.problem
-    assert site.site_model is None and site.version == 0
+    site = site_session(tmp_path)  # only version 1, of another architecture: back to the pretrained weights
+    assert "version 1 of site 'hospital-a' does not fit model 'tiny'" in site.info().problem
+    assert site.version == 0 and site.info().in_use == 0 and site.site_model is not None
     torch.manual_seed(0)
     pretrained = ClickSegmenter(tiny_card()).state_dict()
     assert all(torch.equal(site.session.model.state_dict()[k], v) for k, v in pretrained.items())
+
+    image, _ = disk_image
+    segment(site, image, [((30, 34), 1), ((5, 5), 0)])
+    good = site.accept()
+    assert good.saved and good.version == 2
+    adapted = {k: v.clone() for k, v in site.session.model.state_dict().items()}
+    store.save_version({"model": other.state_dict()}, {})  # version 3 does not fit again
+    reopened = site_session(tmp_path)
+    info = reopened.info()
+    assert (info.version, info.in_use, reopened.version) == (3, 2, 2)
+    assert "version 3" in info.problem and "using version 2" in info.problem
+    assert all(torch.equal(reopened.session.model.state_dict()[k], v) for k, v in adapted.items())
+    segment(reopened, image, [((30, 34), 1), ((5, 5), 0)])
+    assert reopened.accept().saved  # the site is not bricked: work goes on and is kept
 
 
 def test_an_unusable_store_keeps_the_adapted_weights_and_says_nothing_was_saved(tmp_path, disk_image):

@@ -743,3 +743,23 @@ def test_extensions_index_entry_has_the_required_keys():
         assert key in entry, key
     assert entry["category"] == "Segmentation"
     assert "PyTorch" in entry["build_dependencies"]
+
+
+def test_start_segment_names_a_missing_segmentation_and_a_broken_geometry(module, scene, tmp_path, binary_model):
+    """Issue 20 item 6: no segmentation, zero spacing and a rank-deficient direction matrix are refused
+    with a message saying what to fix (they raised AttributeError, a 'bad click' and LinAlgError)."""
+    logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "store"))
+    logic.setModel(binary_model)
+    volume = slicer.util.addVolumeFromArray(np.random.default_rng(0).random((4, 32, 32)).astype(np.float32))
+    with pytest.raises(InvalidImageError, match="no segmentation is selected"):
+        logic.startSegment(volume, None)
+    with pytest.raises(InvalidImageError, match="no volume is selected"):
+        logic.startSegment(None, slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    volume.SetSpacing(1.0, 0.0, 1.0)
+    with pytest.raises(InvalidImageError, match="spacing"):
+        logic.startSegment(volume, segmentation)
+    volume.SetSpacing(1.0, 1.0, 1.0)
+    volume.SetIJKToRASDirections([[1, 0, 0], [1, 0, 0], [0, 0, 1]])
+    with pytest.raises(InvalidImageError, match="degenerate geometry"):
+        logic.startSegment(volume, segmentation)
