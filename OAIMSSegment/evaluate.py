@@ -190,6 +190,7 @@ def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
     for method, result in summary["results"].items():
@@ -199,6 +200,7 @@ def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None 
         axis.plot(clicks, mean, marker="o", markersize=3, label=method)
         axis.fill_between(clicks, mean - std, mean + std, alpha=0.15)
     axis.set_xlabel("clicks")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # clicks are counted, not measured
     axis.set_ylabel("Dice" if metric is None else f"Dice ({metric})")
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
