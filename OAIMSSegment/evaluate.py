@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from OAIMSSegment.clicks import correction_click, localization_click, wrong_click
 from OAIMSSegment.data import NnUNetDataset, Sample
 from OAIMSSegment.errors import DatasetError, OAIMSError
+from OAIMSSegment.files import atomic_write_bytes, atomic_write_text
 from OAIMSSegment.methods import METHODS
 from OAIMSSegment.metrics import class_dice, mean_foreground, number_of_clicks
 from OAIMSSegment.model import ClickSegmenter, load_model
@@ -206,9 +208,10 @@ def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None 
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def select_samples(samples: list[Sample], max_images: int | None) -> list[Sample]:
@@ -273,8 +276,6 @@ def _usable_samples(samples: list[Sample], model: ClickSegmenter) -> tuple[list[
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from OAIMSSegment.files import atomic_write_text
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)

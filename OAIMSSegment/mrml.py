@@ -235,7 +235,8 @@ def check_volume_for_model(volume_node: "slicer.vtkMRMLVolumeNode", model_channe
     if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0)):
         raise InvalidImageError(f"volume '{volume_node.GetName()}' has voxel spacing {tuple(spacing)}: every spacing "
                                 "must be a positive number of mm (fix it in Volumes > Volume Information)")
-    if not np.isfinite(np.linalg.cond(ijk_to_world(volume_node))) or np.linalg.cond(ijk_to_world(volume_node)) > 1e12:
+    condition = np.linalg.cond(ijk_to_world(volume_node))
+    if not np.isfinite(condition) or condition > 1e12:
         raise InvalidImageError(f"volume '{volume_node.GetName()}' has a degenerate geometry (its IJK-to-RAS matrix with "
                                 "its parent transforms is not invertible): clicks cannot be mapped to voxels")
     channels = volume_channels(volume_node)

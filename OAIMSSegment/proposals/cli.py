@@ -17,23 +17,13 @@ from OAIMSSegment.proposals.data import GROWTH_MODES, load_images
 from OAIMSSegment.proposals.figure import proposal_figure
 from OAIMSSegment.proposals.io import load_proposal_model, model_files, read_card, save_proposal_model, write_card
 from OAIMSSegment.proposals.loss import PARTIAL_DICE_MODES
+from OAIMSSegment.arguments import positive_int
 from OAIMSSegment.proposals.metrics import evaluate
 from OAIMSSegment.proposals.model import SEGMENTATION_PROBABILITIES, ProposalConfig
 from OAIMSSegment.proposals.train import train
 from OAIMSSegment.proposals.user import LOOPS, compare, dataset_cases, synthetic_cases
 
 __all__ = ["add_commands"]
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse then reports bad values as ``error: ...``, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -156,12 +146,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train_parser = subparsers.add_parser("proposals-train", help="train the probabilistic partial-segmentation model")
     train_parser.add_argument("--out", required=True, help="weights file MODEL.pt (its card goes to MODEL.json)")
     train_parser.add_argument("--data", default="synthetic", help="'synthetic' (paper's disks) or a 2D nnU-Net dataset folder")
-    train_parser.add_argument("--steps", type=_positive_int, default=3000)
+    train_parser.add_argument("--steps", type=positive_int, default=3000)
     train_parser.add_argument("--seed", type=int, default=0)
-    train_parser.add_argument("--batch-size", type=_positive_int, default=64)
+    train_parser.add_argument("--batch-size", type=positive_int, default=64)
     train_parser.add_argument("--lr", type=float, default=1e-3)
     train_parser.add_argument("--size", type=int, default=0, help="model input side (default 32 synthetic, 64 dataset)")
-    train_parser.add_argument("--train-images", type=_positive_int, default=1000, help="synthetic training images (paper: 1,000)")
+    train_parser.add_argument("--train-images", type=positive_int, default=1000, help="synthetic training images (paper: 1,000)")
     train_parser.add_argument(
         "--growth", choices=GROWTH_MODES, default="random",
         help="target growth: 'random' (paper: anywhere), 'border' (around x_m) or 'object' (part of the ground truth and its rim)",
@@ -174,19 +164,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="soft y^_s in the loss: 'joint' p_m p_s (decided and foreground) or 'conditional' p_s",
     )  # fmt: skip
     train_parser.add_argument("--kl-warmup", type=int, default=0, help="steps of linear KL-weight warm-up (0: none)")
-    train_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    train_parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     train_parser.set_defaults(func=_train_command)
 
     eval_parser = subparsers.add_parser("proposals-eval", help="evaluate proposals on held-out inputs (paper Section 3)")
     eval_parser.add_argument("--model", default="proposals-synthetic-disks", help="shipped model name or MODEL.pt")
     eval_parser.add_argument("--data", default="synthetic", help="'synthetic' or a 2D nnU-Net dataset folder (its imagesTs)")
-    eval_parser.add_argument("--n", type=_positive_int, default=1000, help="held-out inputs (paper: 1,000)")
-    eval_parser.add_argument("--k", type=_positive_int, default=3, help="proposals per input")
+    eval_parser.add_argument("--n", type=positive_int, default=1000, help="held-out inputs (paper: 1,000)")
+    eval_parser.add_argument("--k", type=positive_int, default=3, help="proposals per input")
     eval_parser.add_argument("--seed", type=int, default=0)
     eval_parser.add_argument("--json", help="write the metrics to OUT.json")
     eval_parser.add_argument("--figure", help="write a Figure-3-like PNG")
     eval_parser.add_argument("--update-card", action="store_true", help="record the metrics in the model card")
-    eval_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    eval_parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     eval_parser.set_defaults(func=_eval_command)
 
     user_parser = subparsers.add_parser("proposals-user", help="simulated user: choosing among proposals vs OAIMS clicks alone")
@@ -195,16 +185,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     user_parser.add_argument("--data", default="synthetic", help="'synthetic' or an nnU-Net raw dataset folder")
     user_parser.add_argument("--split", choices=("Tr", "Ts"), default="Ts")
     user_parser.add_argument("--target", help="class the user means (dataset.json label name; default the highest label)")
-    user_parser.add_argument("--n", type=_positive_int, help="synthetic images (default 100) or the first N dataset cases")
+    user_parser.add_argument("--n", type=positive_int, help="synthetic images (default 100) or the first N dataset cases")
     user_parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic images and their truths")
-    user_parser.add_argument("--slices-per-case", type=_positive_int, default=3, help="axial slices of each 3D case")
-    user_parser.add_argument("--min-pixels", type=_positive_int, default=100, help="skip images with fewer target pixels")
-    user_parser.add_argument("--k", type=_positive_int, default=3, help="proposals per round")
-    user_parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1")
+    user_parser.add_argument("--slices-per-case", type=positive_int, default=3, help="axial slices of each 3D case")
+    user_parser.add_argument("--min-pixels", type=positive_int, default=100, help="skip images with fewer target pixels")
+    user_parser.add_argument("--k", type=positive_int, default=3, help="proposals per round")
+    user_parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1")
     user_parser.add_argument("--brush", type=float, default=1 / 16, help="correction brush radius, a fraction of the longer image side")
     user_parser.add_argument("--threshold", type=float, default=0.9, help="Dice the user stops at")
-    user_parser.add_argument("--cap", type=_positive_int, default=20, help="most actions per image")
+    user_parser.add_argument("--cap", type=positive_int, default=20, help="most actions per image")
     user_parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated: proposals (a), brush (a without proposals), clicks (b)")
     user_parser.add_argument("--json", help="write the summary to OUT.json")
-    user_parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads")
+    user_parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     user_parser.set_defaults(func=_user_command)
