@@ -186,8 +186,10 @@ def evaluate(
     return {"results": results}
 
 
-def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None = None) -> None:
-    """Dice (or one class's Dice) vs clicks, one line per method with a +-1 std band over seeds."""
+def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None = None,
+                xlabel: str = "clicks", ylabel: str = "Dice") -> None:
+    """Dice (or one class's Dice) vs clicks (or interactions), one line per method with a +-1 std
+    band over seeds; the PNG is written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,9 +203,9 @@ def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None 
         clicks = np.arange(1, len(mean) + 1)
         axis.plot(clicks, mean, marker="o", markersize=3, label=method)
         axis.fill_between(clicks, mean - std, mean + std, alpha=0.15)
-    axis.set_xlabel("clicks")
+    axis.set_xlabel(xlabel)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # clicks are counted, not measured
-    axis.set_ylabel("Dice" if metric is None else f"Dice ({metric})")
+    axis.set_ylabel(ylabel if metric is None else f"{ylabel} ({metric})")
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,8 @@ from tqdm import tqdm
 from OAIMSSegment.clicks import Click, correction_click, interior_point, localization_click
 from OAIMSSegment.data import SLICE_AXES, NnUNetDataset
 from OAIMSSegment.errors import DatasetError, OAIMSError
-from OAIMSSegment.files import atomic_write_bytes, atomic_write_text
+from OAIMSSegment.evaluate import plot_curves
+from OAIMSSegment.files import atomic_write_text
 from OAIMSSegment.metrics import class_dice, mean_foreground, number_of_clicks
 from OAIMSSegment.model import ClickSegmenter, load_model
 from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
@@ -320,33 +320,10 @@ def _run(args: argparse.Namespace) -> int:
         })
         atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")
     if args.plot:
-        _plot(summary, args.plot)
+        plot_curves(summary, args.plot, f"{summary['model']} on {summary['dataset']} ({summary['n_volumes']} volumes)",
+                    xlabel="interactions (clicks)", ylabel="3D Dice")
     _print_table(summary)
     return 0
-
-
-def _plot(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, result in summary["results"].items():
-        mean, std = np.array(result["dice"]), np.array(result["dice_std"])
-        steps = np.arange(1, len(mean) + 1)
-        axis.plot(steps, mean, marker="o", markersize=3, label=method)
-        axis.fill_between(steps, mean - std, mean + std, alpha=0.15)
-    axis.set_xlabel("interactions (clicks)")
-    axis.set_ylabel("3D Dice")
-    axis.set_title(f"{summary['model']} on {summary['dataset']} ({summary['n_volumes']} volumes)", fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _print_table(summary: dict, at: tuple[int, ...] = (1, 3, 5, 10)) -> None:
