@@ -384,14 +384,10 @@ class VolumeSession:
         self._open_slice = None
 
     def _replay(self, index: int, clicks: list[Click]) -> None:
-        """Open slice ``index`` in the 2D session with ``clicks`` already placed, without the
-        adaptation steps a replay would repeat (the weights are restored afterwards)."""
+        """Open slice ``index`` in the 2D session with ``clicks`` already placed, without repeating
+        their adaptation steps (:meth:`InteractiveSession.resume`)."""
         self._close_2d()
-        state = self.session.state_dict()
-        self.session.start(self._slices[index])
-        for click in clicks:
-            self.session.add_click(click.position, click.label)
-        self.session.load_state_dict(state)
+        self.session.resume(self._slices[index], clicks)
         self._open_slice = index
 
     def _open_2d(self, index: int) -> None:
