@@ -33,7 +33,7 @@ for m in "${models[@]}"; do
             # recipe was timed on a CPU without AVX512-BF16, where bfloat16 is emulated and 7x slower)
       $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --dataset "$DATA/Dataset005_LGG_FLAIR" \
             --init Resources/Models/brain-lesion-flair.pt --normalization robust_percentile --augment scanner \
-            --intensity-remap 0.3 --working-size 160 --iterative 2 --steps 300 --lr 5e-4 --batch-size 8 --crop 0 \
+            --intensity-remap 0.3 --working-size 160 --iterative 2 --steps 2000 --lr 5e-4 --batch-size 8 --crop 0 \
             --seed 0 --no-resume --threads "$THREADS" ${BF16_ROBUST:-} --name brain-lesion-robust \
             --task "Brain tumour / FLAIR abnormality (whole) on axial MRI slices, any scanner scaling, skull on or off" \
             --out Resources/Models/brain-lesion-robust.pt ;;
