@@ -32,6 +32,7 @@ from OAIMSSegment.dependencies import MissingDependenciesError
 from OAIMSSegment.errors import OAIMSError, SessionStateError
 from OAIMSSegment.module_state import EditorUndo, Job, Marker, PanelController, compute_job
 from OAIMSSegment.runner import JobRunner
+from OAIMSSegment.segment_propagation import PropagatedSlices, PropagationStep
 from OAIMSSegment.segment_session import SliceEdits
 
 #: Name of the site used until the user picks one.
@@ -100,6 +101,12 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self._queued: dict = {}  # {(axis, index): clicks queued on it}
         self._open: Optional[tuple] = None  # (axis, index) of the open image
         self._pending = 0  # jobs prepared and not yet applied
+        self._propagated = PropagatedSlices()  # slices propagation filled, and its undo steps
+        self._volumeSlices: dict = {}  # {axis: (S, C, H, W) copy of the volume} for propagation
+        #: After each click, propagate its slice through the volume (:meth:`propagate`); off by default.
+        self.autoPropagate = False
+        #: How propagation seeds a slice and when it stops (``OAIMSSegment.volume.Propagation``; None: its defaults).
+        self.propagationRule = None
         self._work = None  # SegmentWork on the site (worker side)
         #: Called on the main thread just before a click writes its slice (the panel saves a Segment Editor undo state).
         self.beforeWrite: Callable[[], None] = lambda: None
@@ -310,6 +317,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         mrml.prepare_segmentation(segmentationNode, volumeNode)
         classSegments = mrml.class_segments(segmentationNode, session.card.labels, segmentId)
         self.volumeNode, self.segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
+        self._volumeSlices = {}
         return dict(classSegments)
 
     def abandonSegment(self) -> None:
@@ -318,6 +326,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         if self._worked and self._site is not None:
             self.discard(revertSlices=False)
         self._worked, self._queued, self._open = {}, {}, None
+        self._propagated.clear()
 
     def forgetNodes(self) -> None:
         """:meth:`abandonSegment` and forget the volume and segmentation (the scene closes, a node is deleted)."""
@@ -347,21 +356,47 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         if key != self._open:
             if key not in self._worked:
                 read = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
-                self._worked[key], self._queued[key] = (read, SliceEdits(location.shape)), 0
+                edits, taken = SliceEdits(location.shape), self._propagated.take(key)
+                if taken is not None:  # a correction on a propagated slice: its mask is the model's, its seeds join
+                    edits.written, job.seeds = taken.mask, taken.seeds
+                self._worked[key], self._queued[key] = (read, edits), 0
             job.newImage, job.settings = True, None if self.workedSlices else self._takeSettings()
-            self._open = key
+            self._open, self._propagated.steps = key, []
         job.slice, job.edits = self._worked[key]
         self._queued[key] += 1
         return self._queue(job)
 
     def prepareUndo(self, restoreSlice: bool = True) -> Job:
-        """Main thread: queue removing the open slice's last click (and its MI update). ``restoreSlice``
-        False leaves the slice to the caller (the panel restores it with the Segment Editor's undo)."""
-        if not self._queued.get(self._open):
+        """Main thread: queue undoing the last interaction on the open slice: a propagation made after
+        its last click, else that click with its MI update (and the propagation that followed it).
+        ``restoreSlice`` False leaves the slices to the caller (the panel: the Segment Editor's undo)."""
+        clicks = self._queued.get(self._open, 0)
+        step = self._propagated.pop(clicks, joined=False)
+        if step is not None:
+            return self._queue(Job("undo", None, restoreSlice=restoreSlice, step=step))
+        if not clicks:
             raise SessionStateError("there is no click to undo")
         self._queued[self._open] -= 1
         slice_, edits = self._worked[self._open]
-        return self._queue(Job("undo", slice_, edits=edits, restoreSlice=restoreSlice))
+        return self._queue(Job("undo", slice_, edits=edits, restoreSlice=restoreSlice, step=self._propagated.pop(clicks, True)))
+
+    def preparePropagate(self, afterClick: bool = False) -> Job:
+        """Main thread: queue propagating what the open slice holds now (edits included) up and down the
+        volume along its axis, until the structure ends or a slice worked on (``afterClick``: one undo
+        step with the click just made). Needs no job pending (it reads the segment)."""
+        self._requireSession()
+        self._requireIdle()
+        if self._open is None:
+            raise SessionStateError("nothing to propagate: click in a slice first")
+        (axis, origin), slice_ = self._open, self._worked[self._open][0]
+        if axis not in self._volumeSlices:
+            self._volumeSlices[axis] = mrml.volume_slices(self.volumeNode, axis)
+        step = PropagationStep(axis, self._queued[self._open], afterClick)
+        self._propagated.steps.append(step)
+        blocked = {index for a, index in self._worked if a == axis and index != origin}
+        return self._queue(Job("propagate", slice_, step=step, inputs={
+            "slices": self._volumeSlices[axis], "spacing": slice_.spacing, "origin": origin,
+            "origin_mask": slice_.read_classes(), "blocked": blocked, "rule": self.propagationRule}))
 
     def prepareAccept(self) -> Job:
         """Main thread: queue accepting the segment: PI once per worked slice on what it holds now, one site version."""
@@ -377,6 +412,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _close(self, job: Job) -> Job:
         self._worked, self._queued, self._open = {}, {}, None
+        self._propagated.clear()
         return self._queue(job)
 
     def _queue(self, job: Job) -> Job:
@@ -407,13 +443,28 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
             merged = job.edits.merge(job.mask, job.slice.read_classes(), job.location.position)
             self.beforeWrite()
             job.slice.write(merged)
+        elif job.kind == "propagate":
+            if not job.step.joined:
+                self.beforeWrite()
+            job.report["slices"] = self._propagated.apply(job.step, job.report["origin"], job.propagated, job.ends,
+                                                          *self._sliceAccess(job.step.axis))
         elif job.kind == "undo":
-            content = job.edits.undo()
-            if job.restoreSlice:
-                job.slice.write(content)
+            if job.slice is not None:
+                content = job.edits.undo()
+                if job.restoreSlice:
+                    job.slice.write(content)
+            if job.step is not None:
+                job.report["slices"] = self._propagated.undo(job.step, self._sliceAccess(job.step.axis)[1] if job.restoreSlice else None)
         for slice_ in job.slices:
             slice_.restore()
         return job.report
+
+    def _sliceAccess(self, axis: int) -> tuple:
+        """``(read(index), write(index, class map))`` of the class segments on slices normal to ``axis``."""
+        volume, segmentation, segments = self.volumeNode, self.segmentationNode, dict(self._classSegments)
+        at = lambda index: mrml.slice_location(volume, axis, index)  # noqa: E731
+        return (lambda index: mrml.read_slice_classes(segmentation, volume, at(index), segments),
+                lambda index, mask: mrml.write_slice_mask(segmentation, volume, at(index), mask, segments))
 
     def addClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                  label: Optional[int] = None) -> dict:
@@ -421,11 +472,23 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         ``"Sagittal"`` or the view's slice node): ``positive`` adds the active class, else background
         (``label`` sets the class). Manual edits stay, except within ``EDIT_OVERRIDE_RADIUS_PX`` of the click;
         another slice keeps the previous one as it is. Returns latencyMs, adaptMs, loss, label, ijk, pixel,
-        sliceAxis, sliceIndex, newImage, clicks (on this slice) and foregroundPixels (of the prediction)."""
-        return self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
+        sliceAxis, sliceIndex, newImage, clicks (on this slice) and foregroundPixels (of the prediction); with
+        :attr:`autoPropagate`, also propagatedSlices (:meth:`propagate`'s ``slices``)."""
+        report = self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
+        if self.autoPropagate:
+            report["propagatedSlices"] = self.apply(self.compute(self.preparePropagate(afterClick=True)))["slices"]
+        return report
+
+    def propagate(self) -> dict:
+        """Fill the structure through the volume from the open slice, along its axis (one forward pass
+        per slice, seeded from its neighbour; no adaptation), stopping where it ends or at a slice worked
+        on. Undoable (:meth:`undoClick`). Returns ``slices`` (indices whose content changed), ``sliceAxis``,
+        ``origin`` and ``latencyMs``."""
+        return self.apply(self.compute(self.preparePropagate()))
 
     def undoClick(self, restoreSlice: bool = True) -> dict:
-        """Undo the open slice's last click and its MI update (the slice gets back what it held). -> ``{"clicks": n}``."""
+        """Undo the last interaction on the open slice (:meth:`prepareUndo`); the slices get back exactly what
+        they held. -> ``{"clicks": n}`` (and ``slices`` a propagation restored)."""
         return self.apply(self.compute(self.prepareUndo(restoreSlice)))
 
     def accept(self) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,7 +23,7 @@ __all__ = ["PanelController", "UndoStates", "EditorUndo", "Marker", "FieldCommit
 
 @dataclass
 class Job:
-    """One action (``kind``: click, undo, accept or discard) in three phases: ``prepare*`` makes it
+    """One action (``kind``: click, propagate, undo, accept or discard) in three phases: ``prepare*`` makes it
     (main thread: reads MRML, updates what is open), :func:`compute_job` runs it in the
     engine (worker: fills ``report`` and ``mask``, or ``error``), ``OAIMSSegmentLogic.apply``
     shows it (main thread: writes MRML). Every prepared job is applied, in order."""
@@ -38,6 +38,11 @@ class Job:
     finals: dict = field(default_factory=dict)  # accept: {(axis, index): class map the slice holds}
     slices: list = field(default_factory=list)  # discard: SegmentedSlices to restore
     settings: Optional[tuple] = None  # (method, AdaptConfig) taking effect when the segment opens or closes
+    seeds: tuple = ()  # click on a propagated slice: the seeds it was propagated with (they join the click)
+    step: Any = None  # propagate, or an undo that takes one back: its PropagationStep
+    inputs: dict = field(default_factory=dict)  # propagate: SegmentWork.propagate's arguments
+    propagated: list = field(default_factory=list)  # propagate: [(index, mask, seeds)] computed
+    ends: list = field(default_factory=list)  # propagate: where each direction stopped
     report: dict = field(default_factory=dict)
     mask: Optional[np.ndarray] = None  # the class map to show on the slice
     error: Optional[Exception] = None
@@ -49,15 +54,21 @@ def compute_job(work, job: Job) -> Job:
     try:
         if job.kind == "click":
             if job.newImage:
-                work.open((job.location.axis, job.location.index), job.slice.image, job.settings, job.slice.spacing)
+                work.open((job.location.axis, job.location.index), job.slice.image, job.settings, job.slice.spacing, job.seeds)
             result, location = work.click(job.location.position, job.label), job.location
             job.mask, job.report = result.mask, {
                 "latencyMs": result.latency_ms, "adaptMs": result.adapt_ms, "loss": result.loss, "label": job.label,
                 "ijk": location.ijk, "pixel": location.position, "sliceAxis": "IJK"[location.axis],
                 "sliceIndex": location.index, "newImage": job.newImage, "clicks": len(work.site.session.clicks),
                 "foregroundPixels": int((result.mask > 0).sum())}
+        elif job.kind == "propagate":
+            started = time.perf_counter()
+            job.propagated, job.ends = work.propagate(**job.inputs)
+            job.report = {"latencyMs": (time.perf_counter() - started) * 1000.0, "sliceAxis": "IJK"[job.step.axis],
+                          "origin": job.inputs["origin"]}
         elif job.kind == "undo":
-            work.undo()
+            if job.slice is not None:  # else the undo takes back a propagation only
+                work.undo()
             job.report = {"clicks": len(work.site.session.clicks)}
         elif job.kind == "accept":
             started = time.perf_counter()
@@ -68,6 +79,20 @@ def compute_job(work, job: Job) -> Job:
     except Exception as error:  # raised again on the main thread by apply()
         job.error = error
     return job
+
+
+def status_text(kind: str, report: dict) -> str:
+    """The panel's one-line status after a job of ``kind`` with its ``report``."""
+    if kind == "click":
+        text = (f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), {report['clicks']} click(s) "
+                f"on slice {report['sliceAxis']}={report['sliceIndex']}")
+        return text + (f"; propagated to {len(report['propagatedSlices'])} slice(s)" if "propagatedSlices" in report else "")
+    if kind == "propagate":
+        return (f"Propagated from slice {report['sliceAxis']}={report['origin']} to {len(report['slices'])} slice(s) "
+                f"({report['latencyMs']:.0f} ms)")
+    if kind == "accept":
+        return f"Accepted {len(report['slices'])} slice(s) ({report['latencyMs']:.0f} ms): {report['message']}"
+    return "Discarded" if kind == "discard" else f"Undone: {report.get('clicks', 0)} click(s) left"
 
 
 class UndoStates:
@@ -143,9 +168,10 @@ class PanelController:
         self.logic, self.runner, self.report = logic, runner, report
         self.undoStates = undo_states or UndoStates()
         logic.beforeWrite = self.undoStates.save
-        self.markers: List[Optional[Marker]] = []  # one per click on the open slice, in order
+        #: The open slice's undoable interactions, in order: ``(marker, stamp)``, the click's marker (None for
+        #: a propagation or a scripted click) and ``undoStates.stamp()`` just after it was written.
+        self.steps: List[Tuple[Optional[Marker], int]] = []
         self._segmentMarkers: List[Marker] = []  # every marker of the segment (all its slices)
-        self._written: List[int] = []  # undoStates.stamp() just after each click was written
         self.site = FieldCommit(self._setSite, logic.siteName)
         self.store = FieldCommit(self._setStore, logic.storeFolder)
         self.last: dict = {}
@@ -156,7 +182,7 @@ class PanelController:
         idle = not self.runner.busy
         ready = idle and self.logic.card is not None
         worked = bool(self.logic.workedSlices)
-        return {"place": ready, "inputs": idle, "site": idle and not worked, "undo": ready and bool(self.markers),
+        return {"place": ready, "inputs": idle, "site": idle and not worked, "undo": ready and bool(self.steps), "propagate": ready and worked,
                 "accept": ready and worked, "discard": ready and worked, "model": idle}
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -172,7 +198,7 @@ class PanelController:
         if (logic.volumeNode, logic.segmentationNode) == (volume, segmentation) and segmentId in (None, "", logic.segmentId):
             return False
         self._run(lambda: logic.startSegment(volume, segmentation, segmentId or None))
-        self.markers, self._written, self._segmentMarkers = [], [], []
+        self._forget()
         return True
 
     # -- actions (each through the runner: deferred while a job runs) ---------------------------
@@ -187,24 +213,44 @@ class PanelController:
                 self.report(str(error))
                 return
             if job.newImage:
-                self.markers, self._written = [], []
-            self.markers.append(marker)
+                self.steps = []
             if marker is not None:
                 self._segmentMarkers.append(marker)
-            if self._finish(job):
-                self._written.append(self.undoStates.stamp())
+            if not self._finish(job):  # the Logic does not count a click that failed
+                if marker is not None:
+                    self._segmentMarkers.remove(marker)
+                    marker.remove()
+                return
+            if self.logic.autoPropagate:
+                self._propagate(afterClick=True)
+            self.steps.append((marker, self.undoStates.stamp()))
         self.runner.request(action)
+
+    def propagate(self) -> None:
+        """Fill the structure through the volume from the open slice (an undoable step of its own)."""
+        def action():
+            if self._propagate(afterClick=False):
+                self.steps.append((None, self.undoStates.stamp()))
+        self.runner.request(action)
+
+    def _propagate(self, afterClick: bool) -> bool:
+        try:
+            job = self.logic.preparePropagate(afterClick)
+        except OAIMSError as error:
+            self.report(str(error))
+            return False
+        return self._finish(job, quiet=afterClick)
 
     def undo(self) -> None:
         """Ctrl+Z: a paint stroke made after the last click is undone alone (the editor's state);
         else the last click, its MI update and its write together, and its marker goes."""
         def action():
             states = self.undoStates
-            if states.active and self._written and states.stamp() != self._written[-1]:
+            if states.active and self.steps and states.stamp() != self.steps[-1][1]:
                 states.undo()  # the top undo state is the clinician's edit, not our click
-                self._written[-1] = states.stamp()
+                self.steps[-1] = (self.steps[-1][0], states.stamp())
                 return
-            if not self.markers:
+            if not self.steps:
                 self.report("there is no click to undo")
                 return
             try:
@@ -212,8 +258,7 @@ class PanelController:
             except OAIMSError as error:
                 self.report(str(error))
                 return
-            marker = self.markers.pop()
-            self._written[-1:] = []
+            marker = self.steps.pop()[0]
             if self._finish(job) and states.active:
                 states.undo()
             if marker is not None:
@@ -238,27 +283,26 @@ class PanelController:
         if self._finish(job):
             for marker in self._segmentMarkers:
                 marker.remove()
-            self.markers, self._written, self._segmentMarkers = [], [], []
+            self._forget()
 
-    def _finish(self, job) -> bool:
-        """Compute ``job`` on the worker, apply it here; report its error. True if it succeeded."""
+    def _forget(self) -> None:
+        self.steps, self._segmentMarkers = [], []
+
+    def _finish(self, job, quiet: bool = False) -> bool:
+        """Compute ``job`` on the worker, apply it here; report its error. True if it succeeded.
+        ``quiet``: a propagation after a click adds its slices to the click's status line."""
         try:
-            self.last = self.logic.apply(self.runner.run(lambda: self.logic.compute(job)))
+            report = self.logic.apply(self.runner.run(lambda: self.logic.compute(job)))
         except OAIMSError as error:
             self.last = {}
             self.report(str(error))
             return False
-        self.report(self._describe(job.kind, self.last))
+        if quiet:
+            self.last["propagatedSlices"] = report["slices"]
+        else:
+            self.last = report
+        self.report(status_text("click" if quiet else job.kind, self.last))
         return True
-
-    @staticmethod
-    def _describe(kind: str, report: dict) -> str:
-        if kind == "click":
-            return (f"{report['latencyMs']:.0f} ms (adaptation {report['adaptMs']:.0f} ms), {report['clicks']} click(s) "
-                    f"on slice {report['sliceAxis']}={report['sliceIndex']}")
-        if kind == "accept":
-            return f"Accepted {len(report['slices'])} slice(s) ({report['latencyMs']:.0f} ms): {report['message']}"
-        return "Discarded" if kind == "discard" else f"Undone: {report.get('clicks', 0)} click(s) left"
 
     def _run(self, action: Callable[[], Any]) -> bool:
         try:
@@ -279,7 +323,7 @@ class PanelController:
     def sceneClosing(self) -> None:
         """The scene starts closing: keep the segment without adapting, forget nodes and markers."""
         self.logic.forgetNodes()
-        self.markers, self._written, self._segmentMarkers = [], [], []
+        self._forget()
 
     def nodeRemoved(self, node) -> None:
         """A node is about to be deleted: if it is the volume or segmentation in use, as :meth:`sceneClosing`."""
