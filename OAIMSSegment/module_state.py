@@ -18,7 +18,65 @@ import numpy as np
 
 from OAIMSSegment.errors import OAIMSError
 
-__all__ = ["PanelController", "UndoStates", "EditorUndo", "Marker", "FieldCommit", "Job", "compute_job"]
+__all__ = ["PanelController", "UndoStates", "EditorUndo", "Marker", "FieldCommit", "Job", "compute_job", "SHORTCUTS",
+           "CONTROLS", "SETTINGS", "status_text", "site_text", "model_entries", "segment_name", "INSTALL_ENTRY", "RESTART_QUESTION"]
+
+#: The panel's keyboard shortcuts, live while the module is shown: ``(key sequence, action, what it does)``.
+#: The Widget makes each a ``qt.QShortcut`` on Slicer's main window calling ``actions[action]``. Not F/B:
+#: in slice views those step to the next/previous slice (Slicer v5.8.1,
+#: ``Libs/MRML/DisplayableManager/vtkMRMLSliceIntersectionWidget.cxx:173-174``), which a clinician
+#: checking a propagation needs; A, X, P and N are free there (the same file, l.164-192).
+SHORTCUTS = (
+    ("A", "foreground", "place a foreground point (green)"),
+    ("X", "background", "place a background point (red)"),
+    ("P", "propagate", "propagate the open slice through the volume"),
+    ("N", "nextProposal", "show the next proposal (the first press makes them)"),
+    ("Shift+N", "previousProposal", "show the previous proposal"),
+    ("Shift+Return", "pickProposal", "use the proposal shown as the segment"),
+    ("Ctrl+Z", "undo", "undo the last click with its MI update (or the propagation or paint stroke after it)"),
+    ("Ctrl+Return", "accept", "accept the segment"),
+    ("Ctrl+Backspace", "discard", "discard the segment"),
+)
+
+#: The controls (names in ``Resources/UI/OAIMSSegment.ui``) each key of :meth:`PanelController.enabled` governs.
+CONTROLS = {
+    "place": ("foregroundPlaceWidget", "backgroundPlaceWidget"), "undo": ("undoButton",), "propagate": ("propagateButton",),
+    "accept": ("acceptButton",), "proposals": ("proposeButton", "pickProposalButton"), "discard": ("discardButton",),
+    "site": ("siteCollapsibleButton",), "model": ("modelComboBox", "classComboBox"),
+}
+
+#: The site used until the user picks one.
+DEFAULT_SITE = "default"
+
+#: ``QSettings`` keys of what the panel remembers.
+SETTINGS = {"site": "OAIMSSegment/Site", "store": "OAIMSSegment/StoreFolder"}
+
+#: Asked once packages are installed (TotalSegmentator's wording and flow, ``TotalSegmentator.py:329-336``).
+RESTART_QUESTION = "The Python packages are installed. Slicer must restart to use them.\nPress OK to restart now."
+
+#: The model list's entry that installs the engine's packages (its item data).
+INSTALL_ENTRY = "__install__"
+
+
+def model_entries(cards: List[dict], missing: List[str]) -> List[Tuple[str, str]]:
+    """``(text, data)`` of the model list: a placeholder, the install entry while packages are missing, each card."""
+    entries = [("(select a model)", "")]
+    if missing:
+        entries.append(("Install dependencies and list models...", INSTALL_ENTRY))
+    return entries + [(f"{card['name']}: {card['task']}", card["name"]) for card in cards]
+
+
+def segment_name(card) -> str:
+    """Name of the segment *New segmentation* makes: the model's first foreground class (``"Segment"`` without a model)."""
+    names = [name for name, index in sorted(card.labels.items(), key=lambda item: item[1]) if index] if card else []
+    return names[0] if names else "Segment"
+
+
+def site_text(info: dict) -> str:
+    """The site line under the site box, from the Logic's ``siteModelInfo()``."""
+    images = "unknown" if info["imagesAdapted"] is None else info["imagesAdapted"]
+    text = f"Site '{info['site']}': version {info['version']}, images adapted: {images}"
+    return text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
 
 
 @dataclass
@@ -161,11 +219,13 @@ class PanelController:
         runner: the JobRunner (its pump processes the event loop's non-input events).
         undo_states: the Segment Editor's undo states (default: none).
         report: shows a one-line status or error.
+        settings: where committed fields are remembered (``value(key)``, ``setValue(key, value)``: a
+            ``qt.QSettings()`` in Slicer, keys :data:`SETTINGS`); None remembers nothing.
     """
 
     def __init__(self, logic, runner, undo_states: Optional[UndoStates] = None,
-                 report: Callable[[str], None] = lambda text: None) -> None:
-        self.logic, self.runner, self.report = logic, runner, report
+                 report: Callable[[str], None] = lambda text: None, settings: Any = None) -> None:
+        self.logic, self.runner, self.report, self.settings = logic, runner, report, settings
         self.undoStates = undo_states or UndoStates()
         logic.beforeWrite = self.undoStates.save
         #: The open slice's undoable interactions, in order: ``(marker, stamp)``, the click's marker (None for
@@ -182,7 +242,7 @@ class PanelController:
         idle = not self.runner.busy
         ready = idle and self.logic.card is not None
         worked = bool(self.logic.workedSlices)
-        return {"place": ready, "inputs": idle, "site": idle and not worked, "undo": ready and bool(self.steps), "propagate": ready and worked,
+        return {"place": ready, "inputs": idle, "site": idle and not worked, "undo": ready and bool(self.steps), "propagate": ready and worked, "proposals": ready and worked,
                 "accept": ready and worked, "discard": ready and worked, "model": idle}
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -312,7 +372,67 @@ class PanelController:
             self.report(str(error))
             return False
 
+    # -- proposals (synchronous: the proposal model is small) ---------------------------------------
+    def stepProposal(self, delta: int, k: int = 3) -> None:
+        """N / Shift+N: show the next (``delta`` 1) or previous (-1) proposal; the first press makes ``k``."""
+        def action():
+            logic = self.logic
+            try:
+                if logic.proposalSegments:
+                    shown = logic.stepProposal(delta)
+                else:
+                    shown = 0 if logic.proposeNextSteps(k) else -1
+            except OAIMSError as error:
+                return self.report(str(error))
+            self.report(f"Proposal {shown + 1} of {len(logic.proposalSegments)} shown: Shift+Return uses it")
+        self.runner.request(action)
+
+    def pickProposal(self, index: Optional[int] = None) -> None:
+        """Shift+Return: make the proposal shown (or ``index``, 0-based) the segment's mask on this slice."""
+        def action():
+            if self._run(lambda: self.logic.pickProposal(index)):
+                self.report("Proposal used: Accept adapts the model to it")
+        self.runner.request(action)
+
     # -- fields -----------------------------------------------------------------------------------
+    def commitSite(self, text: str) -> bool:
+        """The site box was committed (Enter, focus out, a pick): open that site once; remember it."""
+        return self._commit(self.site, "site", text)
+
+    def commitStore(self, text: str) -> bool:
+        """The store folder was committed (Enter, focus out, Browse): use it once; remember it."""
+        return self._commit(self.store, "store", text)
+
+    def _commit(self, commit: FieldCommit, key: str, text: str) -> bool:
+        if not commit.commit(text):
+            return False
+        if self.settings is not None:
+            self.settings.setValue(SETTINGS[key], commit.value)
+        return True
+
+    def siteChoices(self, current: str) -> List[str]:
+        """The site list: sites in the store, the default site and ``current``, sorted."""
+        return sorted(set(self.logic.sites()) | {DEFAULT_SITE, current})
+
+    def pollInstall(self, process, confirm: Callable[[str], bool], restart: Callable[[], None]) -> bool:
+        """One poll (a panel timer) of a :class:`~OAIMSSegment.dependencies.BackgroundProcess` installing the
+        packages: shows its last output line; once it ends, says how, and after a success asks
+        ``confirm(RESTART_QUESTION)`` and calls ``restart()`` (``slicer.util.restart``) if agreed. True once it ended."""
+        lines, code = process.poll()
+        if lines:
+            self.report(lines[-1])
+        if code is None:
+            return False
+        self.report("Installed." if code == 0 else f"Installation failed (pip exit code {code}); see the Python console.")
+        if code == 0 and confirm(RESTART_QUESTION):
+            restart()
+        return True
+
+    def acceptWarning(self) -> Optional[str]:
+        """After Accept: the message to show when the model adapted but was NOT saved, else None."""
+        last = self.last
+        return last["message"] if last.get("slices") and not last["saved"] and any(r["applied"] for r in last["slices"]) else None
+
     def _setSite(self, name: str) -> None:
         self._run(lambda: self.logic.setSite(name))
 

@@ -503,6 +503,14 @@ def remove_segments_named(segmentation_node: "slicer.vtkMRMLSegmentationNode", p
             segmentation.RemoveSegment(segment_id)
 
 
+def show_only_segment(segmentation_node: "slicer.vtkMRMLSegmentationNode", segment_ids: "list[str]", shown: int) -> None:
+    """Show segment ``segment_ids[shown]`` and hide the other ones of ``segment_ids`` (e.g. proposals)."""
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        for index, segment_id in enumerate(segment_ids):
+            display.SetSegmentVisibility(segment_id, index == shown)
+
+
 def click_point_list(scene: "slicer.vtkMRMLScene", positive: bool) -> "slicer.vtkMRMLMarkupsFiducialNode":
     """A new markups point list for foreground (``positive``, green) or background (red) clicks, unlabelled."""
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "OAIMS foreground" if positive else "OAIMS background")
