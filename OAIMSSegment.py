@@ -525,9 +525,8 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for positive in (True, False):
             self._pointList(positive)
         self._enableShortcuts(True)
-        if self.editor.sourceVolumeNode() is None:
-            composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
-            self.editor.setSourceVolumeNodeID(composite.GetBackgroundVolumeID())
+        if self.editor.sourceVolumeNode() is None:  # start at the volume shown, not at None
+            self.editor.setSourceVolumeNode(mrml.shown_volume(slicer.mrmlScene))
         self._refresh()
 
     def exit(self) -> None:

@@ -559,6 +559,17 @@ def segment_editor_node(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLSegmentE
     return node
 
 
+def shown_volume(scene: "slicer.vtkMRMLScene", view: str = "Red") -> "slicer.vtkMRMLVolumeNode | None":
+    """The background volume of a slice view (its composite node's, by layout name), as the Segment
+    Editor module picks its default source volume (``SegmentEditor.py`` ``getDefaultSourceVolumeNodeID``)."""
+    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for index in range(nodes.GetNumberOfItems()):
+        composite = nodes.GetItemAsObject(index)
+        if composite.GetLayoutName() == view and composite.GetBackgroundVolumeID():
+            return scene.GetNodeByID(composite.GetBackgroundVolumeID())
+    return None
+
+
 def new_segmentation(scene: "slicer.vtkMRMLScene", volume_node: "slicer.vtkMRMLVolumeNode", segment_name: str):
     """A new segmentation on the volume's grid with one empty segment; returns ``(node, segment ID)``."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
