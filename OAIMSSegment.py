@@ -309,10 +309,11 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
         met (then, once no job is pending, the open slice's click count is read back from the session)."""
         self._pending -= 1
         if job.error is not None:
+            if job.step is not None and job.step in self._propagated.steps:  # a propagation that did not happen
+                self._propagated.steps.remove(job.step)
             if not self._pending and self._open is not None:
-                session = self._site.session
-                self._queued[self._open] = len(session.clicks) if session.active else 0
-                if not session.active:
+                self._queued[self._open] = self._work.openClicks
+                if not self._site.session.active:
                     self._open = None
             raise job.error
         self._removeProposalSegments()

@@ -31,7 +31,7 @@ class PropagatedSlice:
     origin: int
 
 
-@dataclass
+@dataclass(eq=False)  # steps are told apart by identity (their fields hold arrays)
 class PropagationStep:
     """One propagation as an undoable step.
 

@@ -134,6 +134,12 @@ class SegmentWork:
         return [key for key, worked in self._slices.items() if len(worked.clicks) > worked.seeded]
 
     @property
+    def openClicks(self) -> int:
+        """The clinician's clicks on the open slice (its propagation seeds not counted; 0 when none is open)."""
+        worked = self._slices.get(self._open) if self._open is not None and self.site.session.active else None
+        return len(worked.clicks) - worked.seeded if worked is not None else 0
+
+    @property
     def openImage(self) -> Optional[Tuple[np.ndarray, InPlaneGrid]]:
         """The open slice's image as the model sees it ``(C, H', W')`` and its grid (None when none is open)."""
         worked = self._slices.get(self._open) if self._open is not None else None

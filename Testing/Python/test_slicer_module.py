@@ -636,7 +636,9 @@ def test_rgb_vector_volume_with_a_three_class_model_gives_two_segments(module, s
         logic.startSegment(volume, segmentation)
 
 
-def test_proposals_show_temporary_segments_and_a_pick_becomes_the_mask(module, scene, binary_model, tmp_path):
+def proposal_logic(module, scene, binary_model: str, tmp_path: Path):
+    """A Logic segmenting a ball on an oblique grid, with a small random proposal model:
+    ``(logic, volume, segmentation, segment ID)``."""
     import torch
 
     from OAIMSSegment.proposals import ProposalConfig, ProposalModel, save_proposal_model
@@ -650,6 +652,11 @@ def test_proposals_show_temporary_segments_and_a_pick_becomes_the_mask(module, s
     logic.setModel(binary_model)
     logic.setProposalModel(str(weights))
     (segment_id,) = logic.startSegment(volume, segmentation).values()
+    return logic, volume, segmentation, segment_id
+
+
+def test_proposals_show_temporary_segments_and_a_pick_becomes_the_mask(module, scene, binary_model, tmp_path):
+    logic, volume, segmentation, segment_id = proposal_logic(module, scene, binary_model, tmp_path)
     with pytest.raises(SessionStateError, match="click in a slice first"):
         logic.proposeNextSteps(3)
     logic.addClick(world_of(volume, (28, 32, 20)), True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_slicer_module import REPO, add_volume, ball_volume, binary_model, module, oblique_geometry, scene, world_of  # noqa: E402,F401
+from test_slicer_module import REPO, binary_model, module, proposal_logic, scene, world_of  # noqa: E402,F401
 
 from OAIMSSegment import dependencies, mrml  # noqa: E402
 from OAIMSSegment.errors import DeviceError, SessionStateError  # noqa: E402
@@ -39,17 +39,7 @@ class Settings(dict):
 @pytest.fixture()
 def clicked(module, scene, binary_model, tmp_path):
     """A Logic with one click on slice K=20 of a ball, and a small random proposal model."""
-    from OAIMSSegment.proposals import ProposalConfig, ProposalModel, save_proposal_model
-
-    torch.manual_seed(0)
-    weights = tmp_path / "proposals-test.pt"
-    save_proposal_model(ProposalModel(ProposalConfig()), weights, {"name": "proposals-test"})
-    volume = add_volume(scene, ball_volume(), oblique_geometry())
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
-    logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "sites"))
-    logic.setModel(binary_model)
-    logic.setProposalModel(str(weights))
-    (segment_id,) = logic.startSegment(volume, segmentation).values()
+    logic, volume, segmentation, segment_id = proposal_logic(module, scene, binary_model, tmp_path)
     logic.addClick(world_of(volume, (28, 32, 20)), True)
     return logic, volume, segmentation, segment_id, mrml.locate_click(volume, world_of(volume, (28, 32, 20)), "Axial")
 
