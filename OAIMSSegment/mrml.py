@@ -559,15 +559,14 @@ def segment_editor_node(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLSegmentE
     return node
 
 
-def shown_volume(scene: "slicer.vtkMRMLScene", view: str = "Red") -> "slicer.vtkMRMLVolumeNode | None":
-    """The background volume of a slice view (its composite node's, by layout name), as the Segment
-    Editor module picks its default source volume (``SegmentEditor.py`` ``getDefaultSourceVolumeNodeID``)."""
+def shown_volume(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLVolumeNode | None":
+    """The volume the slice views show: the first background volume of a view, else the first foreground
+    one, as the Segment Editor module picks its default source volume (Slicer v5.8.1
+    ``Modules/Scripted/SegmentEditor/SegmentEditor.py:96-112``); None when no view shows one."""
     nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    for index in range(nodes.GetNumberOfItems()):
-        composite = nodes.GetItemAsObject(index)
-        if composite.GetLayoutName() == view and composite.GetBackgroundVolumeID():
-            return scene.GetNodeByID(composite.GetBackgroundVolumeID())
-    return None
+    composites = [nodes.GetItemAsObject(index) for index in range(nodes.GetNumberOfItems())]
+    shown = [c.GetBackgroundVolumeID() for c in composites] + [c.GetForegroundVolumeID() for c in composites]
+    return next((scene.GetNodeByID(node_id) for node_id in shown if node_id), None)
 
 
 def new_segmentation(scene: "slicer.vtkMRMLScene", volume_node: "slicer.vtkMRMLVolumeNode", segment_name: str):

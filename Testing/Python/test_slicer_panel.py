@@ -149,3 +149,4 @@ def test_shortcut_and_control_tables_match_the_widget_the_ui_and_the_docs():
     assert {n for group in CONTROLS.values() for n in group} <= names
     used = set(re.findall(r"\bui\.(\w+)", widget))
     assert used <= names, sorted(used - names)
+    assert len(source.splitlines()) <= 800  # the module file: Logic glue, Qt wiring and the self-test only

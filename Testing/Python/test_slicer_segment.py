@@ -191,12 +191,13 @@ def test_ctrl_z_undoes_the_click_its_mi_update_and_its_write_a_later_paint_strok
 
 def test_one_button_makes_a_segmentation_and_segment_on_the_editor_singleton(module, scene):
     volume = add_volume(scene, ball_volume((4, 16, 16)), np.eye(4), "MRI")
-    assert mrml.shown_volume(scene) is None  # no view shows a volume yet
-    for layout, shown in (("Yellow", None), ("Red", volume)):  # the inputs start at the Red view's volume
-        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-        composite.SetLayoutName(layout)
-        composite.SetBackgroundVolumeID(volume.GetID() if shown else None)
-    assert mrml.shown_volume(scene) is volume
+    other = add_volume(scene, ball_volume((4, 16, 16)), np.eye(4), "CT")
+    assert mrml.shown_volume(scene) is None  # no view shows a volume yet: the inputs stay empty
+    red, yellow = (scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(2))
+    red.SetForegroundVolumeID(other.GetID())
+    assert mrml.shown_volume(scene) is other  # only a foreground volume is shown
+    yellow.SetBackgroundVolumeID(volume.GetID())
+    assert mrml.shown_volume(scene) is volume  # a background volume comes first, as in the Segment Editor
     editor = mrml.segment_editor_node(scene)
     assert mrml.segment_editor_node(scene) is editor and editor.GetSingletonTag() == "SegmentEditor"
     segmentation, segment_id = mrml.new_segmentation(scene, volume, "lesion")
