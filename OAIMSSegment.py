@@ -58,7 +58,8 @@ class OAIMSSegment(ScriptedLoadableModule):
             "slice view: the slice through each point is segmented by a click-guided U-Net, which adapts after every "
             "click (Mid-Interaction adaptation, MI) and when you accept the segment (Post-Interaction adaptation, PI). "
             "Adapted weights are saved per site, so the model keeps improving on your scanner and protocol. "
-            "See docs/SLICER.md in the extension's repository."
+            "See docs/SLICER.md in the extension's repository. Keys while the module is shown: "
+            + "; ".join(f"{key}: {what}" for key, _, what in SHORTCUTS) + "."
         )
         self.parent.acknowledgementText = (
             "Method: W. Xu, Z. Liang, H. Anthony, Y. Ibrahim, F. Cohen, G. Yang, K. Kamnitsas, 'You Point, I Learn: "

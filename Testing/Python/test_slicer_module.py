@@ -198,6 +198,7 @@ def test_module_loads_as_slicer_does_and_engine_submodules_resolve(module):
     parent = type("Parent", (), {})()
     module.OAIMSSegment(parent)
     assert parent.categories == ["Segmentation"]
+    assert "P: propagate the open slice through the volume" in parent.helpText  # the keys, from SHORTCUTS
     assert "You Point, I Learn" in parent.acknowledgementText
     for name in ("OAIMSSegmentLogic", "OAIMSSegmentWidget", "OAIMSSegmentTest"):
         assert hasattr(module, name)
