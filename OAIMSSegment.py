@@ -277,11 +277,19 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
             "origin_mask": slice_.read_classes(), "blocked": blocked, "rule": self.propagationRule}))
 
     def prepareAccept(self) -> Job:
-        """Main thread: queue accepting the segment: PI once per worked slice on what it holds now, one site version."""
+        """Main thread: queue accepting the segment: PI once per worked slice on what it holds now (and on each
+        propagated slice the clinician edited since, with its seeds as its clicks), one site version."""
         if not self.workedSlices:
             raise SessionStateError("nothing to accept: click in a slice first")
         finals = {key: self._worked[key][0].read_classes() for key in self.workedSlices}
-        return self._close(Job("accept", None, finals=finals, settings=self._takeSettings()))
+        edited = {}
+        for key, propagated in self._propagated.slices.items():
+            held = self._sliceAccess(key[0])[0](key[1])
+            if not np.array_equal(held, propagated.mask):
+                location = mrml.slice_location(self.volumeNode, *key)
+                finals[key], edited[key] = held, (mrml.extract_slice(self.volumeNode, location),
+                                                  mrml.in_plane_spacing(self.volumeNode, key[0]), propagated.seeds)
+        return self._close(Job("accept", None, finals=finals, settings=self._takeSettings(), inputs={"edited": edited}))
 
     def prepareDiscard(self, revertSlices: bool = False) -> Job:
         """Main thread: queue dropping the segment's model updates (``revertSlices``: and its slices' content)."""

@@ -130,7 +130,8 @@ def compute_job(work, job: Job) -> Job:
             job.report = {"clicks": len(work.site.session.clicks)}
         elif job.kind == "accept":
             started = time.perf_counter()
-            job.report = work.accept(job.finals, job.settings).report((time.perf_counter() - started) * 1000.0)
+            accepted = work.accept(job.finals, job.settings, job.inputs.get("edited"))
+            job.report = accepted.report((time.perf_counter() - started) * 1000.0)
         else:
             work.discard(job.settings)
             job.report = {"discarded": True}

@@ -85,6 +85,14 @@ class _WorkedSlice:
     seeded: int = 0  # the first clicks are seeds a propagation placed, not the clinician's
 
 
+def _worked_slice(image: np.ndarray, spacing: Tuple[float, float], seeds, seeded: bool) -> _WorkedSlice:
+    """A slice (``(C, H, W)``, raw; ``spacing`` (row, col) mm) on its model grid, with ``seeds`` (slice
+    pixels) as its first clicks: propagation's (``seeded``), or standing for the clinician's."""
+    grid = InPlaneGrid(tuple(np.shape(image)[-2:]), tuple(float(s) for s in spacing))
+    placed = [replace(seed, position=grid.click_to_model(seed.position)) for seed in seeds]
+    return _WorkedSlice(grid.image_to_model(np.asarray(image)), grid, placed, len(placed) if seeded else 0)
+
+
 @dataclass(frozen=True)
 class SliceAccept:
     """PI on one slice of an accepted segment: ``accepted_pixels`` is the foreground PI learned from."""
@@ -162,9 +170,7 @@ class SegmentWork:
             self._start = session.state_dict()
         self._leave()
         if key not in self._slices:
-            grid = InPlaneGrid(tuple(np.shape(image)[-2:]), tuple(float(s) for s in spacing))
-            placed = [replace(seed, position=grid.click_to_model(seed.position)) for seed in seeds]
-            self._slices[key] = _WorkedSlice(grid.image_to_model(np.asarray(image)), grid, placed, len(placed))
+            self._slices[key] = _worked_slice(image, spacing, seeds, seeded=True)
         worked = self._slices[key]
         mask = session.resume(worked.image, worked.clicks)
         self._open = key
@@ -211,10 +217,15 @@ class SegmentWork:
             ends.append((line[-1][0] if line else origin) + step)
         return propagated, ends
 
-    def accept(self, finals: Mapping[Hashable, np.ndarray], settings: Optional[tuple] = None) -> SegmentAccept:
+    def accept(self, finals: Mapping[Hashable, np.ndarray], settings: Optional[tuple] = None,
+               edited: Optional[Mapping[Hashable, tuple]] = None) -> SegmentAccept:
         """PI once per slice with clicks, each on ``finals[key]`` (the class map ``(H, W)`` the slice
         holds now), then one site version when the weights changed (PI applied or MI steps).
+        ``edited``: ``{key: (image, spacing, seeds)}`` of propagated slices the clinician edited without
+        clicking them: learnt from too, after the others, their seeds standing for their clicks.
         ``settings`` take effect afterwards. Raises SessionStateError when no slice has clicks."""
+        for key, (image, spacing, seeds) in (edited or {}).items():
+            self._slices[key] = _worked_slice(image, spacing, seeds, seeded=False)
         keys = self.slices
         if not keys:
             raise SessionStateError("nothing to accept: click in a slice first")

@@ -96,9 +96,16 @@ def test_correction_on_a_propagated_slice_repropagates_and_accept_learns_from_wo
     logic.undoClick()
     np.testing.assert_array_equal(export_segment(scene, segmentation, segment_id, volume), after_first)
     logic.addClick(world_of(volume, (5, 5, 11), parent), False, "Axial")
-    held = [int(mrml.read_slice_mask(segmentation, segment_id, volume, mrml.slice_location(volume, 2, k)).sum()) for k in (8, 11)]
+    # The clinician paints on propagated slice 7 without clicking it: Accept learns from it too.
+    assert 7 in first["propagatedSlices"] and 6 in first["propagatedSlices"]
+    at = {k: mrml.slice_location(volume, 2, k) for k in (6, 7, 8, 11)}
+    painted = mrml.read_slice_mask(segmentation, segment_id, volume, at[7])
+    painted[:, :34] = False  # erase its left half
+    mrml.write_slice_mask(segmentation, volume, at[7], painted.astype(np.uint8), {1: segment_id})
+    held = {k: int(mrml.read_slice_mask(segmentation, segment_id, volume, at[k]).sum()) for k in at}
     accepted = logic.accept()
-    assert [(row["sliceIndex"], row["acceptedPixels"]) for row in accepted["slices"]] == list(zip((8, 11), held))
+    assert [(row["sliceIndex"], row["acceptedPixels"]) for row in accepted["slices"]] == [(k, held[k]) for k in (8, 11, 7)]
+    assert held[7] == int(painted.sum()) and held[6] > 0  # slice 6, propagated and left alone, is not learnt from
     assert accepted["saved"] and accepted["version"] == 1
     assert len(nonempty(export_segment(scene, segmentation, segment_id, volume))) > 2  # propagated slices stay
 
