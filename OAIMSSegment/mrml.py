@@ -262,9 +262,10 @@ def volume_array(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
 
 def _channels_first(planes: np.ndarray, channel_axis: int) -> np.ndarray:
     """Voxel planes with their components last (or none) -> float32 with ``C`` (1, or R, G, B) at ``channel_axis``."""
+    # np.array copies always: the result must not share the volume's VTK memory (a worker reads it).
     if planes.ndim == channel_axis + 2:
-        return np.ascontiguousarray(np.expand_dims(planes, channel_axis), dtype=np.float32)
-    return np.ascontiguousarray(np.moveaxis(planes[..., :3], -1, channel_axis), dtype=np.float32)
+        return np.array(np.expand_dims(planes, channel_axis), dtype=np.float32, order="C")
+    return np.array(np.moveaxis(planes[..., :3], -1, channel_axis), dtype=np.float32, order="C")
 
 
 def extract_slice(volume_node: "slicer.vtkMRMLVolumeNode", location: SliceLocation) -> np.ndarray:

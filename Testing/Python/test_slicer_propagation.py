@@ -55,6 +55,9 @@ def test_propagate_fills_the_structure_in_the_view_axis_and_undo_restores_the_se
     logic, volume, parent, segmentation, segment_id, truth = oblique
     with pytest.raises(SessionStateError, match="click in a slice first"):
         logic.propagate()
+    slices = mrml.volume_slices(volume, 2)  # what the worker propagates through: a copy, slice by slice as extracted
+    assert slices.shape == (16, 1, 64, 64) and not np.shares_memory(slices, mrml.volume_array(volume))
+    np.testing.assert_array_equal(slices[8], mrml.extract_slice(volume, mrml.slice_location(volume, 2, 8)))
     report = logic.addClick(world_of(volume, (34, 30, 8), parent), True, "Axial")
     assert (report["sliceAxis"], report["sliceIndex"]) == ("K", 8) and "propagatedSlices" not in report
     clicked = export_segment(scene, segmentation, segment_id, volume)
