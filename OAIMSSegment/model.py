@@ -188,7 +188,7 @@ class PreparedImage:
         one-hot, bilinear, then the majority class per working pixel. torch's ``"nearest"``
         mode samples at ``floor(i * H / h)`` instead, which shifts a shrunk mask by almost half
         a working pixel against the image and caps a 240 -> 128 px mask at 0.90 Dice."""
-        labels = torch.as_tensor(np.asarray(mask, dtype=np.int64))
+        labels = torch.as_tensor(np.asarray(mask, dtype=np.int64), device=self.tensor.device)
         tensor = labels[None, None].float()
         if self.working_shape != self.original_shape:
             one_hot = F.one_hot(labels, int(labels.max()) + 1).permute(2, 0, 1)[None].float()
@@ -233,6 +233,11 @@ class ClickSegmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (``OAIMSSegment.device.resolve_device``); prepared images go there too."""
+        return next(self.parameters()).device
+
     # -- images -----------------------------------------------------------------------------
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
@@ -270,7 +275,7 @@ class ClickSegmenter(nn.Module):
         if float(array.max() - array.min()) == 0.0:
             raise InvalidImageError("image is constant (every pixel the same): there is nothing to segment")
 
-        tensor = torch.from_numpy(normalize(array, card.normalization))[None]
+        tensor = torch.from_numpy(normalize(array, card.normalization))[None].to(self.device)
         longer = max(height, width)
         target = card.working_size or min(longer, card.max_side)
         scale = target / longer
@@ -285,7 +290,8 @@ class ClickSegmenter(nn.Module):
 
     def guidance(self, prepared: PreparedImage, clicks: Sequence[Click]) -> torch.Tensor:
         """Guidance maps ``(1, K, Hp, Wp)`` for clicks given in *working* coordinates."""
-        return guidance_maps(clicks, prepared.tensor.shape[-2:], self.card.num_classes, self.card.guidance_sigma)[None]
+        return guidance_maps(clicks, prepared.tensor.shape[-2:], self.card.num_classes, self.card.guidance_sigma,
+                             device=prepared.tensor.device)[None]
 
     def logits(self, prepared: PreparedImage, clicks: Sequence[Click]) -> torch.Tensor:
         """Working-space logits ``(1, 1|K, Hp, Wp)`` for working-space clicks."""

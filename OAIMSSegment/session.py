@@ -524,9 +524,9 @@ class InteractiveSession:
 
     def _result(self, logits: torch.Tensor, click: Click, started: float, adapt_ms: float, loss: float | None) -> ClickResult:
         probs = probabilities(self.prepared.logits_to_original(logits))[0]
-        mask = probs.argmax(dim=0).to(torch.uint8).numpy()
+        mask = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
         latency = (time.perf_counter() - started) * 1000.0
-        return ClickResult(mask, probs.numpy().astype(np.float32), click, latency, adapt_ms, loss)
+        return ClickResult(mask, probs.cpu().numpy().astype(np.float32), click, latency, adapt_ms, loss)
 
     def _mid_interaction(self, clicks: list[Click], snapshot: dict) -> float | None:
         """One adaptation step after ``clicks[-1]``; ``snapshot`` is restored if its loss is not finite."""
