@@ -3,7 +3,8 @@
 From one run, per model: a forward pass, a forward + backward pass, an MI click (the whole
 ``add_click``), a PI accept (the whole ``accept``) and the first feedback of an MI click (the
 ``on_first_feedback`` preview), each p50 / p95 in ms and as a ratio to the forward pass's p50;
-the same session with ``reuse_graphs=False`` (the path before issue 21), in alternate rounds
+the same session with ``reuse_graphs=False`` (the path before issue 21: passes recomputed, undo
+snapshots deep-copied, per-tensor Adam), in alternate rounds
 so that both see the same machine load; and the memory a kept graph holds. The network works
 at ``size x size`` (the card's working size is set to ``size``; the shipped fundus model works
 at 256 anyway). A caller may time more operations (``timings``, e.g. the volume session's
