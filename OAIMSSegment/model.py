@@ -194,7 +194,7 @@ class PreparedImage:
             one_hot = F.one_hot(labels, int(labels.max()) + 1).permute(2, 0, 1)[None].float()
             shrink = self.working_shape[0] < self.original_shape[0]
             resized = F.interpolate(one_hot, size=self.working_shape, mode="bilinear", align_corners=False, antialias=shrink)
-            tensor = resized.argmax(dim=1, keepdim=True).float()
+            tensor = class_map(resized, dim=1)[:, None].float()
         padded = self.tensor.new_zeros((1, 1, *self.tensor.shape[-2:]))
         padded[..., : self.working_shape[0], : self.working_shape[1]] = tensor
         return padded[0, 0].long()
@@ -362,11 +362,19 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def class_map(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Index (long) of the largest score along ``dim``: ``torch.argmax`` (the first of tied
+    maxima; a NaN counts as the maximum), from ``Tensor.max``, which returns the same indices
+    and on a CPU runs 20-40x faster across a channel axis (25 ms against 0.6 ms for
+    ``(2, 256, 256)`` in torch 2.13, one thread; issue 21)."""
+    return scores.max(dim=dim).indices
+
+
 def hard_labels(logits: torch.Tensor) -> torch.Tensor:
     """Class map ``(B, H, W)`` (long) from logits."""
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).long()
-    return logits.argmax(dim=1)
+    return class_map(logits, dim=1)
 
 
 # -- files ----------------------------------------------------------------------------------

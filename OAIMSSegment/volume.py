@@ -456,12 +456,12 @@ def seeded_prediction(model, image: np.ndarray, seeds: list[Click]) -> tuple[np.
         return None
     working = [model.working_click(prepared, click) for click in seeds]
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         probs = probabilities(prepared.logits_to_original(model.logits(prepared, working)))[0]
-    mask = probs.argmax(dim=0)
-    foreground = mask > 0
-    confidence = float(probs.max(dim=0).values[foreground].mean()) if bool(foreground.any()) else 0.0
-    return mask.to(torch.uint8).cpu().numpy(), confidence
+    best = probs.max(dim=0)  # the class map (torch.argmax's indices, model.class_map) and its probabilities
+    foreground = best.indices > 0
+    confidence = float(best.values[foreground].mean()) if bool(foreground.any()) else 0.0
+    return best.indices.to(torch.uint8).cpu().numpy(), confidence
 
 
 def propagate_line(predict: Callable[[int, list[Click]], "tuple[np.ndarray, float] | None"], origin_mask: np.ndarray,
