@@ -162,3 +162,13 @@ def test_colour_jitter_and_the_fundus_recipe_refuse_grey_data_in_one_line(tmp_pa
                  "--normalization", "robust_percentile", "--augment", "fundus", "--out", str(tmp_path / "m.pt")]) == 2
     assert "for RGB photographs" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_robust_percentile_gives_a_constant_colour_channel_zero_and_refuses_an_all_constant_image():
+    image = fundus_like_image()
+    image[2] = 0.0  # a jittered or red-free photograph whose blue channel is empty
+    out = normalize(image, "robust_percentile")
+    assert np.array_equal(out[2], np.zeros_like(out[2]))
+    assert np.allclose(out[:2], normalize(image[:2], "robust_percentile"))  # the other channels as before
+    with pytest.raises(InvalidImageError, match="constant"):
+        normalize(np.full((3, 32, 32), 9.0, np.float32), "robust_percentile")
