@@ -307,10 +307,16 @@ def normalize(array: np.ndarray, method: str) -> np.ndarray:
     """Intensity normalisation of a ``(C, H, W)`` float32 array (see :class:`ModelCard`).
 
     Raises:
-        InvalidImageError: ``"robust_percentile"`` given a channel that is empty, not finite
-            or constant (nothing it could scale).
+        InvalidImageError: ``"robust_percentile"`` given a channel that is empty or not finite,
+            or an image whose every channel is constant (nothing it could scale); one constant
+            channel of a multi-channel image becomes 0.
     """
     if method == "robust_percentile":
+        flat = [channel.size > 0 and float(channel.max()) == float(channel.min()) for channel in array]
+        if len(array) > 1 and not all(flat):
+            # a constant channel of a colour photograph (an empty blue channel) carries nothing: 0, as zscore gives it
+            return np.stack([np.zeros_like(channel) if constant else robust_percentile(channel)
+                             for channel, constant in zip(array, flat)])
         return np.stack([robust_percentile(channel) for channel in array])
     out = np.zeros_like(array)
     for c, channel in enumerate(array):

@@ -31,7 +31,7 @@ from monai.transforms import RandHistogramShift
 from tqdm import tqdm
 
 from OAIMSSegment import arguments as types
-from OAIMSSegment.augment import RECIPES, Recipe
+from OAIMSSegment.augment import RECIPES, RGB_RECIPES, Recipe
 from OAIMSSegment.clicks import Click, correction_click, guidance_maps, localization_click, ranked_error_clicks
 from OAIMSSegment.data import NnUNetDataset, Sample, synthetic_samples
 from OAIMSSegment.errors import DatasetError, InvalidImageError, ModelError
@@ -226,6 +226,8 @@ def pretrain(
     """
     if not samples:
         raise DatasetError("no training samples (no image has foreground?)")
+    if config.augment in RGB_RECIPES and card.image_channels != 3:
+        raise ModelError(f"--augment {config.augment} is for RGB photographs; {card.name!r} has {card.image_channels} channel(s)")
     out = Path(out)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Produce the shipped segmentation models (seeded; CPU). Run from the repository root:
-#   bash scripts/train_models.sh [demo|brain|brain-robust|fundus]...   (default: demo brain fundus)
+#   bash scripts/train_models.sh [demo|brain|brain-robust|fundus|fundus-robust]...   (default: demo brain fundus)
 # Training uses whole images (--crop 0): crops around the target teach the model that
 # everything bright in view is target, which over-segments full slices at inference.
 # Each model's card (Resources/Models/<name>.json) records this command and its sha256.
@@ -40,6 +40,13 @@ for m in "${models[@]}"; do
     fundus) $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset003_DrishtiGS" --out Resources/Models/fundus-disc-cup.pt \
             --task "Optic disc rim and cup on disc-centred RGB fundus photographs" \
             --working-size 256 --steps 1000 --batch-size 6 --crop 0 --seed 0 --no-resume --threads 1 ;;
+    fundus-robust)  # fine-tunes the shipped fundus model on Drishti-GS imagesTr only (ORIGA stays an unseen site and
+            # camera), per-image per-channel robust_percentile normalisation, MONAI fundus camera augmentation; float32
+      $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset003_DrishtiGS" --init Resources/Models/fundus-disc-cup.pt \
+            --normalization robust_percentile --augment fundus --working-size 256 --steps 600 --lr 5e-4 \
+            --batch-size 6 --crop 0 --seed 0 --no-resume --threads "$THREADS" --name fundus-disc-cup-robust \
+            --task "Optic disc rim and cup on disc-centred RGB fundus photographs, any camera (colour, illumination, JPEG)" \
+            --out Resources/Models/fundus-disc-cup-robust.pt ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
   esac
 done
