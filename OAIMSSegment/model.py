@@ -410,9 +410,11 @@ def card_kind(card: dict[str, Any]) -> str:
 
 
 def shipped_cards(kind: str, models_dir: str | Path = MODELS_DIR) -> list[tuple[Path, dict[str, Any]]]:
-    """``(card path, card)`` of each model card of ``kind`` in ``models_dir``, sorted by file name."""
+    """``(card path, card)`` of each model card of ``kind`` in ``models_dir``, sorted by model name
+    (the file stem: ``fundus-disc-cup`` before ``fundus-disc-cup-robust``, which a sort of whole file
+    names reverses, ``-`` sorting before ``.``)."""
     cards = []
-    for path in sorted(Path(models_dir).glob("*.json")):
+    for path in sorted(Path(models_dir).glob("*.json"), key=lambda card_path: card_path.stem):
         card = json.loads(path.read_text())
         if card_kind(card) == kind:
             cards.append((path, card))
