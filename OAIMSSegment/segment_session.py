@@ -14,7 +14,6 @@ gets ONE new version (:meth:`SiteSession.save_update`).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Dict, Hashable, List, Mapping, Optional, Set, Tuple
 
@@ -199,7 +198,7 @@ class SegmentWork:
         pass per slice at isotropic in-plane spacing, no adaptation). Returns ``([(index, mask, seeds),
         ...], [index where each direction stopped])``; masks and seeds are in slice pixels."""
         from OAIMSSegment.clicks import Click
-        from OAIMSSegment.volume import Propagation, propagate_line, seeded_prediction
+        from OAIMSSegment.volume import Propagation, propagate_line, seeded_prediction, slices_ahead
 
         grid = InPlaneGrid(tuple(np.shape(slices)[-2:]), tuple(float(s) for s in spacing))
         model = self.site.session.model
@@ -211,8 +210,8 @@ class SegmentWork:
 
         propagated, ends = [], []
         for step in (1, -1):
-            ahead = itertools.takewhile(lambda i: i not in blocked, range(origin + step, len(slices) if step > 0 else -1, step))
-            line = propagate_line(predict, np.asarray(origin_mask), ahead, rule or Propagation())
+            line = propagate_line(predict, np.asarray(origin_mask), slices_ahead(origin, step, len(slices), blocked),
+                                  rule or Propagation())
             propagated += line
             ends.append((line[-1][0] if line else origin) + step)
         return propagated, ends

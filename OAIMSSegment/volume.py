@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Container, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -419,7 +419,7 @@ class VolumeSession:
     def _propagate_direction(self, origin: int, step: int, chains: set[int]) -> list[int]:
         """Propagate from ``origin`` towards ``origin + step, ...``; then clear what is left in
         that direction of the earlier propagation from ``chains`` (it now ends sooner)."""
-        ahead = itertools.takewhile(lambda i: i not in self._order, range(origin + step, len(self._masks) if step > 0 else -1, step))
+        ahead = slices_ahead(origin, step, len(self._masks), self._order)
         changed, index = [], origin + step
         for index, mask, seeds in propagate_line(self._predict, self._masks[origin], ahead, self.propagation):
             if self._set_propagated(index, mask, seeds, origin):
@@ -462,6 +462,12 @@ def seeded_prediction(model, image: np.ndarray, seeds: list[Click]) -> tuple[np.
     foreground = best.indices > 0
     confidence = float(best.values[foreground].mean()) if bool(foreground.any()) else 0.0
     return best.indices.to(torch.uint8).cpu().numpy(), confidence
+
+
+def slices_ahead(origin: int, step: int, count: int, blocked: Container[int]) -> Iterator[int]:
+    """Slice indices from ``origin + step`` towards the end of a stack of ``count`` slices (``step``
+    +1: up, -1: down), up to (not including) the first ``blocked`` one: where a propagation may go."""
+    return itertools.takewhile(lambda index: index not in blocked, range(origin + step, count if step > 0 else -1, step))
 
 
 def propagate_line(predict: Callable[[int, list[Click]], "tuple[np.ndarray, float] | None"], origin_mask: np.ndarray,
