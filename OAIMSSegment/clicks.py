@@ -78,27 +78,46 @@ def guidance_channel(label: int, num_classes: int) -> int:
     return num_classes - 1 if label == 0 else label - 1
 
 
-def click_offsets(clicks: Sequence[Click], shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+def click_offsets(clicks: Sequence[Click], shape: Sequence[int], device: torch.device | str | None = None) -> list[torch.Tensor]:
     """Signed offset of every pixel from every click along each axis, in pixels.
 
-    The one distance grid behind the guidance maps, the CCG weights and the click stamps.
+    The one distance grid behind the guidance maps, the CCG weights and the click stamps, kept
+    separable: one small tensor per axis that broadcasts against the others, so a Gaussian or a
+    window over ``N`` clicks costs ``N * (H + W)`` exponentials, not ``N * H * W``.
 
     Args:
         clicks: ``N`` clicks in array-index coordinates of an image of spatial ``shape``.
         shape: spatial shape ``(H, W)`` (or ``(D, H, W)``), ``D`` axes in all.
 
     Returns:
-        Tensor ``(D, N, *shape)``, float32: ``[d, n, i, j] = (i, j)[d] - clicks[n].position[d]``.
+        ``D`` float32 tensors; axis ``d``'s has shape ``(N, 1, .., shape[d], .., 1)`` and
+        ``[n, .., i, ..] = i - clicks[n].position[d]``. Summing their squares (broadcast) gives
+        the ``(N, *shape)`` squared distances.
     """
-    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32, device=device) for n in shape], indexing="ij")
     centres = torch.tensor([c.position for c in clicks], dtype=torch.float32, device=device).view(len(clicks), len(shape))
-    return torch.stack([g.unsqueeze(0) - centres[:, d].view(-1, *[1] * len(shape)) for d, g in enumerate(grids)])
+    offsets = []
+    for d, n in enumerate(shape):
+        view = [len(clicks)] + [1] * len(shape)
+        view[d + 1] = n
+        offsets.append((torch.arange(n, dtype=torch.float32, device=device)[None] - centres[:, d : d + 1]).view(view))
+    return offsets
 
 
-def click_gaussians(offsets: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``exp(-|offset|^2 / (2 sigma^2))`` of :func:`click_offsets` output: ``(N, *shape)``, float32."""
-    squared = (offsets**2).sum(dim=0)
-    return torch.exp(-squared / (2.0 * sigma**2))
+def squared_distances(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``|offset|^2`` of :func:`click_offsets` output: ``(N, *shape)``, float32, pixels squared."""
+    total = offsets[0] ** 2
+    for axis in offsets[1:]:
+        total = total + axis**2
+    return total
+
+
+def click_gaussians(offsets: Sequence[torch.Tensor], sigma: float) -> torch.Tensor:
+    """``exp(-|offset|^2 / (2 sigma^2))`` of :func:`click_offsets` output: ``(N, *shape)``, float32,
+    as the product of one Gaussian per axis (equal to the joint one up to float rounding, ~1e-7)."""
+    total = torch.exp(-(offsets[0] ** 2) / (2.0 * sigma**2))
+    for axis in offsets[1:]:
+        total = total * torch.exp(-(axis**2) / (2.0 * sigma**2))
+    return total
 
 
 def guidance_maps(
@@ -140,7 +159,7 @@ def stamp_clicks(labels: torch.Tensor, clicks: Sequence[Click], radius: float) -
     stamped = labels.clone()
     if not clicks:
         return stamped
-    squared = (click_offsets(clicks, labels.shape, labels.device) ** 2).sum(dim=0)
+    squared = squared_distances(click_offsets(clicks, labels.shape, labels.device))
     for click, distance in zip(clicks, squared):
         stamped[distance <= radius**2] = click.label
     return stamped

@@ -77,7 +77,9 @@ def click_weight_map(
     if not clicks:
         return torch.zeros(target.shape, dtype=torch.float32, device=target.device)
     offsets = click_offsets(clicks, target.shape, target.device)
-    inside = (offsets.abs() <= 3.0 * sigma).all(dim=0)
+    inside = offsets[0].abs() <= 3.0 * sigma
+    for axis in offsets[1:]:
+        inside = inside & (axis.abs() <= 3.0 * sigma)
     if kernel == "uniform" or sigma == 0:
         weights = inside.float()
     else:

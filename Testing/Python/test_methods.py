@@ -12,7 +12,8 @@ import torch
 
 from conftest import REPO
 from OAIMSSegment import methods
-from OAIMSSegment.clicks import Click, click_gaussians, click_offsets
+from OAIMSSegment.clicks import Click, click_gaussians, click_offsets, guidance_maps, squared_distances
+from OAIMSSegment.model import load_model
 from OAIMSSegment.metrics import mean_foreground_dice
 from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
 
@@ -166,10 +167,33 @@ def test_pi_guard_dice_is_the_exact_count_ratio():
 
 
 def test_click_offsets_are_the_signed_pixel_offsets_per_axis():
-    offsets = click_offsets([Click((1, 2), 1), Click((0, 0), 0)], (3, 4))
-    assert offsets.shape == (2, 2, 3, 4) and offsets.dtype == torch.float32
-    assert offsets[0, 0, 2, 3] == 1 and offsets[1, 0, 2, 3] == 1 and offsets[1, 1, 2, 3] == 3
-    gaussians = click_gaussians(offsets, 1.0)
-    assert gaussians[0, 1, 2] == 1.0 and gaussians[1, 1, 1] == pytest.approx(np.exp(-1.0))
-    assert click_offsets([Click((1, 1, 1), 1)], (2, 3, 4)).shape == (3, 1, 2, 3, 4)
+    rows, cols = click_offsets([Click((1, 2), 1), Click((0, 0), 0)], (3, 4))
+    assert rows.shape == (2, 3, 1) and cols.shape == (2, 1, 4) and rows.dtype == cols.dtype == torch.float32
+    assert rows[0, 2, 0] == 1 and cols[0, 0, 3] == 1 and cols[1, 0, 3] == 3
+    assert squared_distances((rows, cols))[1, 2, 3] == 2**2 + 3**2
+    gaussians = click_gaussians((rows, cols), 1.0)
+    assert gaussians.shape == (2, 3, 4) and gaussians[0, 1, 2] == 1.0 and gaussians[1, 1, 1] == pytest.approx(np.exp(-1.0))
+    assert [axis.shape for axis in click_offsets([Click((1, 1, 1), 1)], (2, 3, 4))] == [(1, 2, 1, 1), (1, 1, 3, 1), (1, 1, 1, 4)]
+
+
+def test_separable_click_gaussians_equal_the_joint_gaussian():
+    clicks = [Click((5, 70), 1), Click((200, 3), 0), Click((128, 128), 1)]
+    rows, cols = click_offsets(clicks, (256, 240))
+    joint = torch.exp(-(rows**2 + cols**2) / (2.0 * 5.0**2))
+    assert torch.allclose(click_gaussians((rows, cols), 5.0), joint, rtol=1e-6, atol=1e-7)
+    # The shipped brain model sees the same thing: its logits move by float rounding only, its mask not at all.
+    model = load_model("brain-lesion-flair").eval()
+    image = np.random.default_rng(3).normal(size=(240, 240)).astype(np.float32)
+    image[60:120, 80:150] += 3.0
+    prepared = model.prepare(image)
+    working = [model.working_click(prepared, click) for click in clicks]
+    maps = guidance_maps(working, prepared.tensor.shape[-2:], 2, model.card.guidance_sigma)
+    rows, cols = click_offsets(working, prepared.tensor.shape[-2:])
+    joint_maps = torch.zeros_like(maps).index_add_(
+        0, torch.tensor([0 if c.label else 1 for c in working]), torch.exp(-(rows**2 + cols**2) / (2.0 * model.card.guidance_sigma**2)))
+    joint_maps = joint_maps / joint_maps.flatten(1).amax(dim=1).view(-1, 1, 1)
+    with torch.no_grad():
+        separable, exact = (model(torch.cat([prepared.tensor, g[None]], dim=1)) for g in (maps, joint_maps))
+    assert float((separable - exact).abs().max()) < 1e-4
+    assert torch.equal(separable > 0, exact > 0)
 
