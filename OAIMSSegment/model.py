@@ -470,3 +470,11 @@ def load_model(name_or_path: str | Path, models_dir: str | Path = MODELS_DIR) ->
         raise ModelError(f"weights {weights_path} do not fit the architecture of {card.name!r}: {error}") from error
     model.eval()
     return model
+
+
+def set_mode(module: nn.Module, training: bool) -> None:
+    """``module.train(training)`` unless its flag says it is in that mode already: ``train()`` walks
+    every submodule (~0.8 ms for the brain model, paid per click and per propagated slice), and the
+    engine only ever switches whole models."""
+    if module.training != training:
+        module.train(training)

@@ -50,7 +50,7 @@ from OAIMSSegment.losses import DiceFocal
 from OAIMSSegment.methods import METHODS as METHOD_CLASSES
 from OAIMSSegment.methods import AdaptationMethod, get_method, weights_snapshot
 from OAIMSSegment.metrics import mean_foreground_dice
-from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, class_map, hard_labels, probabilities
+from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, class_map, hard_labels, probabilities, set_mode
 from OAIMSSegment.reuse import train_equals_eval, weights_version
 from OAIMSSegment.snapshot import SnapshotPool, StateSnapshot
 from OAIMSSegment.validation import accepted_mask, click_input
@@ -463,12 +463,12 @@ class InteractiveSession:
         """Logits ``(1, 1|K, Hp, Wp)`` of the method's predictor (eval mode) on the open image with
         ``clicks`` (working pixels); the caller decides about gradients."""
         predictor = self.adaptation.predictor(self)
-        _set_mode(predictor, training=False)
+        set_mode(predictor, training=False)
         return predictor.logits(self.prepared, clicks)
 
     def train_logits(self, clicks: list[Click]) -> torch.Tensor:
         """Logits ``(1, 1|K, Hp, Wp)`` of the adapted model in train mode, with gradients."""
-        _set_mode(self.model, training=True)
+        set_mode(self.model, training=True)
         return self.model.logits(self.prepared, clicks)
 
     def initial_logits(self, clicks: list[Click]) -> torch.Tensor:
@@ -597,11 +597,3 @@ class InteractiveSession:
             )
             return AcceptResult(False, reason, elapsed(), losses, n_clicks, dice_before, dice_after)
         return AcceptResult(True, "", elapsed(), losses, n_clicks, dice_before, dice_after)
-
-
-def _set_mode(module: torch.nn.Module, training: bool) -> None:
-    """``module.train(training)`` unless its flag says it is in that mode: ``train()`` walks every
-    submodule (~0.8 ms for the brain model, twice per click), and the session only ever switches
-    whole models."""
-    if module.training != training:
-        module.train(training)

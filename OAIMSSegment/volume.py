@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from OAIMSSegment.clicks import Click, interior_point, validate_click
 from OAIMSSegment.errors import InvalidClickError, InvalidImageError, SessionStateError
-from OAIMSSegment.model import probabilities
+from OAIMSSegment.model import probabilities, set_mode
 from OAIMSSegment.session import AcceptResult, InteractiveSession
 
 #: Seeding strategies of :class:`Propagation`.
@@ -455,7 +455,7 @@ def seeded_prediction(model, image: np.ndarray, seeds: list[Click]) -> tuple[np.
     except InvalidImageError:
         return None
     working = [model.working_click(prepared, click) for click in seeds]
-    model.eval()
+    set_mode(model, training=False)
     with torch.inference_mode():
         probs = probabilities(prepared.logits_to_original(model.logits(prepared, working)))[0]
     best = probs.max(dim=0)  # the class map (torch.argmax's indices, model.class_map) and its probabilities
