@@ -87,7 +87,7 @@ def main() -> int:
     for variant in args.variants.split(","):
         seeding, _, connected = variant.partition(":")
         name = seeding + (", keep connected" if connected else "")
-        session = RecordingSession(InteractiveSession(model, "frozen"), Propagation(seeding, keep_connected=connected))
+        session = RecordingSession(InteractiveSession(model, "frozen"), Propagation(seeding, keep_connected=connected, min_overlap=0.0))
         scores = {rule: [] for rule in RULES}
         for volume in volumes:
             session.confidence = {}
