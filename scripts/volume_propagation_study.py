@@ -42,14 +42,15 @@ class RecordingSession(VolumeSession):
         return predicted
 
 
+#: Stopping rules, each on top of "no rule" (``min_overlap`` 0; the class's default is 0.7).
 RULES = {
     "empty only": {},
     **{f"area ratio >= {a}": {"min_area_ratio": a} for a in (0.3, 0.5)},
     **{f"area ratio in [{a}, {b}]": {"min_area_ratio": a, "max_area_ratio": b} for a, b in ((0.3, 2.0), (0.5, 1.5))},
-    **{f"overlap >= {o}": {"min_overlap": o} for o in (0.3, 0.5, 0.7)},
+    **{f"overlap >= {o}": {"min_overlap": o} for o in (0.3, 0.4, 0.5, 0.6, 0.7)},
     **{f"confidence >= {c}": {"min_confidence": c} for c in (0.7, 0.8, 0.9)},
     **{f"overlap >= {o}, confidence >= {c}": {"min_overlap": o, "min_confidence": c}
-       for o, c in itertools.product((0.5, 0.7), (0.8, 0.9))},
+       for o, c in itertools.product((0.4, 0.5, 0.6, 0.7), (0.8, 0.9))},
 }
 
 
@@ -96,7 +97,7 @@ def main() -> int:
             session.click(index, click.position, click.label)
             masks = session.volume_mask()
             for rule, settings in RULES.items():
-                cut = chain_cut(masks, index, session.confidence, Propagation(seeding, **settings))
+                cut = chain_cut(masks, index, session.confidence, Propagation(seeding, **{"min_overlap": 0.0, **settings}))
                 scores[rule].append(volume_dice(cut, volume.label, labels))
             session.discard()
             print(name, volume.name, {r: round(s[-1], 3) for r, s in scores.items()}, flush=True)
