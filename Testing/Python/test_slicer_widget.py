@@ -247,3 +247,64 @@ def test_signal_table_names_real_controls_panel_methods_and_arguments():
 def test_every_shortcut_has_a_panel_action(panel):
     panel, *_ = panel
     assert set(panel.actions) == {name for _, name, _ in SHORTCUTS}
+
+
+# -- the Widget itself, built against the labelled Qt doubles ------------------------------------------
+
+
+@pytest.fixture()
+def widget(module, scene, binary_model, monkeypatch):
+    """``OAIMSSegmentWidget.setup()`` of the module loaded as Slicer loads it, on the Qt doubles of
+    ``slicer_test_doubles.qt_widgets`` (widgets built from the real ``.ui`` file) and a real scene."""
+    import slicer
+
+    store: dict = {}
+    for target, values in slicer_test_doubles.qt_widgets(store).items():
+        for name, value in values.items():
+            monkeypatch.setattr(sys.modules[target] if target == "qt" else slicer, name, value, raising=False)
+    built = module.OAIMSSegmentWidget()
+    built.setup()
+    built.panel.models.append(("tiny-binary: test", binary_model))
+    yield built, store
+    built.cleanup()
+
+
+def test_widget_setup_connects_every_signal_and_shortcut_and_shows_the_panel(widget, scene):
+    built, store = widget
+    ui = built.ui
+    for control, signal, _, _ in SIGNALS:
+        assert getattr(ui, control)._slots.get(signal), (control, signal)
+    assert [s.key for s in built._shortcuts] == [key for key, _, _ in SHORTCUTS] and not any(s.enabled for s in built._shortcuts)
+    assert ui.modelComboBox.items[0] == ("(select a model)", "") and ui.siteComboBox.currentText == "default"
+    assert not ui.acceptButton.enabled and not ui.busyProgressBar.visible and ui.siteInfoLabel.text.startswith("Site 'default'")
+    assert ui.storeFolderPathLineEdit.currentPath == built.logic.storeFolder
+    assert built.editor.node is mrml.segment_editor_node(scene) and not built.editor.undoEnabled
+    built.enter()
+    assert all(s.enabled for s in built._shortcuts)
+    assert [call[0] for call in ui.foregroundPlaceWidget.calls] == ["setMRMLScene", "setCurrentNode"]
+
+
+def test_widget_signals_drive_the_panel_end_to_end(widget, scene):
+    built, store = widget
+    ui = built.ui
+    volume = add_volume(scene, ball_volume(), np.eye(4), "MRI")
+    scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetBackgroundVolumeID(volume.GetID())
+    built.enter()
+    ui.modelComboBox.emit("currentIndexChanged(int)", len(built.panel.models) - 1)
+    assert built.logic.card is not None and ui.classComboBox.items == [("lesion", 1)]
+    ui.sigmaSpinBox.emit("valueChanged(double)", 4.0)
+    assert built.logic.adaptationSettings()["sigma"] == 4.0
+    ui.newSegmentationButton.emit("clicked(bool)", False)
+    assert built.logic.segmentId == built.editor.node.GetSelectedSegmentID() and built.logic.volumeNode is volume
+    next(s for s in built._shortcuts if s.key == "A").emit("activated()")
+    assert ui.foregroundPlaceWidget.calls[-1] == ("setPlaceModeEnabled", True)
+    built.panel.points.ensure(True).AddControlPoint(world_of(volume, (28, 32, 20)))
+    assert "1 click(s)" in ui.statusLabel.text and ui.undoButton.enabled and ui.acceptButton.enabled
+    ui.undoButton.emit("clicked(bool)", False)
+    assert built.logic.session.clicks == [] and not ui.undoButton.enabled
+    ui.siteComboBox.currentText = "radiology"  # typed: nothing happens until the line edit's editingFinished
+    assert built.logic.siteName == "default"
+    ui.siteLineEdit.emit("editingFinished()")
+    assert built.logic.siteName == "radiology" and store == {"OAIMSSegment/Site": "radiology"}
+    built.exit()
+    assert ui.foregroundPlaceWidget.calls[-1] == ("setPlaceModeEnabled", False) and not any(s.enabled for s in built._shortcuts)
