@@ -304,11 +304,14 @@ class Panel:
         self.controller.pickProposal(int(number) - 1)
 
     def commitSite(self, text: str) -> None:
-        self.controller.commitSite(text)
+        """The site box was committed. Through the runner: a focus-out (a control disabled as a job starts) waits for the job."""
+        self.runner.request(lambda: self.controller.commitSite(text))
 
     def commitStore(self, path: str) -> None:
-        if self.controller.commitStore(path):
-            self.siteNames = self.controller.siteChoices(self.controller.site.value)
+        def commit():
+            if self.controller.commitStore(path):
+                self.siteNames = self.controller.siteChoices(self.controller.site.value)
+        self.runner.request(commit)
 
     def resetSite(self) -> None:
         if self.gui.ask(RESET_QUESTION):

@@ -153,14 +153,21 @@ def test_controls_are_disabled_and_the_busy_bar_shown_while_a_job_runs(panel):
     panel.newSegmentation()
     panel.changes()
     during: list = []
-    panel.runner._pump = lambda: during.append(panel.changes()) if not during else None  # the Widget's pump shows changes
-    panel.runner._wait_s = 0.0005
+
+    def pump():  # the Widget's: show the changes; a site box losing focus to a disabled control commits it
+        if not during:
+            during.append(panel.changes())
+            panel.commitSite("radiology")
+    panel.runner._pump, panel.runner._wait_s = pump, 0.0005
     panel.controller.click(world_of(volume, (28, 32, 20)), True, "Axial")
     assert during and during[0]["busyProgressBar"] == {"visible": True}
+    # The commit waited for the job, then took effect: the click's segment is kept without adapting.
+    assert panel.logic.siteName == "radiology" and not any("wait for" in s[0] for s in recorded.named("status"))
+    assert panel.logic.workedSlices == [] and panel.controller.last["clicks"] == 1
     assert during[0]["modelComboBox"] == {"enabled": False} and during[0]["foregroundPlaceWidget"] == {"enabled": False}
     assert "siteInfoLabel" not in during[0]  # nothing but what is enabled is read while the worker runs
     after = panel.changes()
-    assert after["busyProgressBar"] == {"visible": False} and after["acceptButton"] == {"enabled": True}
+    assert after["busyProgressBar"] == {"visible": False} and after["foregroundPlaceWidget"] == {"enabled": True}
 
 
 def test_accept_warns_when_not_saved_and_discard_asks(module, scene, binary_model, tmp_path):
