@@ -447,8 +447,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic = self.panel = None
-        self._shortcuts: list = []
-        self._timers: list = []
+        self._shortcuts, self._timers = [], []  # QShortcuts; QTimers kept alive while they run
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -460,7 +459,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget):
         self.logic = OAIMSSegmentLogic(storeFolder=settings.value(SETTINGS["store"]) or None)
         # The Segment Editor beside the tool, on the singleton node (selections carry over to the Segment Editor
         # module); its undo states are ours (Ctrl+Z), its own shortcuts are never installed.
-        self.editor = editor = slicer.qMRMLSegmentEditorWidget()
+        self.editor = editor = ui.segmentEditorWidget = slicer.qMRMLSegmentEditorWidget()
         editor.setMaximumNumberOfUndoStates(10)
         editor.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
         editor.setMRMLScene(slicer.mrmlScene)
@@ -492,8 +491,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget):
         self._show()
 
     def _slot(self, method: str, arguments: tuple) -> Callable[..., None]:
-        """A slot for a signal: a ``*args`` function, so PythonQt passes all the signal's arguments
-        (``PythonQtSignalTarget::call``); calls the Panel's ``method``, then shows the changes."""
+        """``*args``, so PythonQt passes all the signal's arguments (PythonQtSignalTarget::call); then show the changes."""
         def slot(*signalArgs: Any) -> None:
             getattr(self.panel, method)(*slot_arguments(arguments, signalArgs, lambda name: getattr(self.ui, name)))
             self._show()
@@ -522,7 +520,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget):
         timer = qt.QTimer()
         timer.connect("timeout()", tick)
         timer.start(ms)
-        self._timers.append(timer)  # kept alive while it runs
+        self._timers.append(timer)
         return timer.stop
 
     def cleanup(self) -> None:

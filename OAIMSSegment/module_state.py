@@ -38,8 +38,10 @@ SHORTCUTS = (
     ("Ctrl+Backspace", "discard", "discard the segment"),
 )
 
-#: The controls (names in ``Resources/UI/OAIMSSegment.ui``) each key of :meth:`PanelController.enabled` governs.
+#: The controls (names in ``Resources/UI/OAIMSSegment.ui``, or added by the Widget: the embedded Segment Editor
+#: and *New segmentation*) each key of :meth:`PanelController.enabled` governs.
 CONTROLS = {
+    "inputs": ("segmentEditorWidget", "newSegmentationButton"),
     "place": ("foregroundPlaceWidget", "backgroundPlaceWidget"), "undo": ("undoButton",), "propagate": ("propagateButton",),
     "accept": ("acceptButton",), "proposals": ("proposeButton", "pickProposalButton"), "discard": ("discardButton",),
     "site": ("siteCollapsibleButton",), "model": ("modelComboBox", "classComboBox"),

@@ -59,8 +59,8 @@ _adapt = tuple((box, signal, "adapt", (key, SIGNAL_ARG)) for box, signal, key in
     ("betaSpinBox", "valueChanged(double)", "beta"), ("lrSpinBox", "valueChanged(double)", "lr")))
 
 #: The panel's signals: ``(control, Qt signal, Panel method, its arguments)``; an argument is :data:`SIGNAL_ARG`,
-#: a :class:`Read` or a constant. Controls are names of ``Resources/UI/OAIMSSegment.ui`` plus the four the Widget
-#: adds: ``newSegmentationButton``, ``siteLineEdit`` (the site box's line edit), ``storeLineEdit`` and
+#: a :class:`Read` or a constant. Controls are names of ``Resources/UI/OAIMSSegment.ui`` plus those the Widget
+#: adds: ``segmentEditorWidget``, ``newSegmentationButton``, ``siteLineEdit`` (the site box's line edit), ``storeLineEdit`` and
 #: ``storeBrowseButton`` (the store ``ctkPathLineEdit``'s line edit and browse button; its own
 #: ``currentPathChanged`` fires per keystroke, docs/SLICER.md). Nothing acts while typing.
 SIGNALS: Tuple[Tuple[str, str, str, tuple], ...] = (

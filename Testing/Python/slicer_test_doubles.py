@@ -69,6 +69,11 @@ class SegmentEditorWidget:
         self.history = slicer.vtkSegmentationHistory()
         self.history.SetMaximumNumberOfStates(10)
 
+    enabled = True
+
+    def blockSignals(self, block: bool) -> bool:  # a QWidget's: it has no signal the panel connects
+        return False
+
     def setMRMLSegmentEditorNode(self, node) -> None:
         self.node = node
 

@@ -31,7 +31,7 @@ from OAIMSSegment.panel import (DISCARD_QUESTION, SIGNAL_ARG, SIGNALS, Gui, Pane
 from OAIMSSegment.runner import JobRunner  # noqa: E402
 
 #: Controls the Widget adds to ``ui`` besides the ``.ui`` file's (see ``OAIMSSegmentWidget.setup``).
-ADDED_CONTROLS = {"newSegmentationButton", "siteLineEdit", "storeLineEdit", "storeBrowseButton"}
+ADDED_CONTROLS = {"segmentEditorWidget", "newSegmentationButton", "siteLineEdit", "storeLineEdit", "storeBrowseButton"}
 
 
 class Recorded:
@@ -165,6 +165,7 @@ def test_controls_are_disabled_and_the_busy_bar_shown_while_a_job_runs(panel):
     assert panel.logic.siteName == "radiology" and not any("wait for" in s[0] for s in recorded.named("status"))
     assert panel.logic.workedSlices == [] and panel.controller.last["clicks"] == 1
     assert during[0]["modelComboBox"] == {"enabled": False} and during[0]["foregroundPlaceWidget"] == {"enabled": False}
+    assert during[0]["segmentEditorWidget"] == {"enabled": False}  # volume, segmentation and segment wait too
     assert "siteInfoLabel" not in during[0]  # nothing but what is enabled is read while the worker runs
     after = panel.changes()
     assert after["busyProgressBar"] == {"visible": False} and after["foregroundPlaceWidget"] == {"enabled": True}
@@ -245,7 +246,7 @@ def test_signal_table_names_real_controls_panel_methods_and_arguments():
         assert all(a.control in ui_names for a in arguments if isinstance(a, Read)), arguments
     names = {name for _, name, _ in SHORTCUTS}
     actions = {row[3][0] for row in SIGNALS if row[2] == "act"}
-    assert names >= actions and {n for group in CONTROLS.values() for n in group} <= set(ui_names)
+    assert names >= actions and {n for group in CONTROLS.values() for n in group} <= set(ui_names) | ADDED_CONTROLS
     ui = types.SimpleNamespace(siteComboBox=types.SimpleNamespace(currentText="radiology"))
     assert slot_arguments(("sigma", SIGNAL_ARG), (4.5,), lambda name: getattr(ui, name)) == ["sigma", 4.5]
     assert slot_arguments((Read("siteComboBox", "currentText"),), (2,), lambda name: getattr(ui, name)) == ["radiology"]
@@ -285,7 +286,7 @@ def test_widget_setup_connects_every_signal_and_shortcut_and_shows_the_panel(wid
     assert ui.modelComboBox.items[0] == ("(select a model)", "") and ui.siteComboBox.currentText == "default"
     assert not ui.acceptButton.enabled and not ui.busyProgressBar.visible and ui.siteInfoLabel.text.startswith("Site 'default'")
     assert ui.storeFolderPathLineEdit.currentPath == built.logic.storeFolder
-    assert built.editor.node is mrml.segment_editor_node(scene) and not built.editor.undoEnabled
+    assert built.editor.node is mrml.segment_editor_node(scene) and not built.editor.undoEnabled and ui.segmentEditorWidget.enabled
     built.enter()
     assert all(s.enabled for s in built._shortcuts)
     assert [call[0] for call in ui.foregroundPlaceWidget.calls] == ["setMRMLScene", "setCurrentNode"]
