@@ -1,4 +1,4 @@
-"""What the Slicer panel does, without Qt: the Widget only connects signals to a :class:`PanelController`.
+"""What the Slicer panel does, without Qt: the Widget's signals reach ``panel.Panel``, which drives a :class:`PanelController`.
 
 The controller runs every action of the Logic through a :class:`~OAIMSSegment.runner.JobRunner`
 (the model work on the worker, the main thread pumping events; actions that arrive meanwhile wait
