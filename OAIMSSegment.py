@@ -15,24 +15,21 @@ import os
 # (The folder's __init__.py is therefore not run inside Slicer; the engine relies on nothing in it.)
 __path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "OAIMSSegment")]
 
-import logging
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.util import VTKObservationMixin
 
-# Only numpy/vtk/MRML below: importable before torch is installed.
+# Only numpy/MRML below: importable before torch is installed.
 from OAIMSSegment import dependencies, mrml
-from OAIMSSegment.dependencies import MissingDependenciesError
-from OAIMSSegment.errors import OAIMSError, SessionStateError
+from OAIMSSegment.dependencies import MissingDependenciesError  # noqa: F401  (scripting: OAIMSSegment.MissingDependenciesError)
+from OAIMSSegment.errors import SessionStateError
 from OAIMSSegment.logic_site import ModelSiteLogic
-from OAIMSSegment.module_state import (CONTROLS, DEFAULT_SITE, INSTALL_ENTRY, SETTINGS, SHORTCUTS, EditorUndo, Job, Marker,
-                                       PanelController, compute_job, model_entries, segment_name, site_text)
+from OAIMSSegment.module_state import DEFAULT_SITE, SETTINGS, SHORTCUTS, Job, compute_job
+from OAIMSSegment.panel import SIGNALS, Gui, Panel, slot_arguments
 from OAIMSSegment.runner import JobRunner
 from OAIMSSegment.segment_propagation import PropagatedSlices, PropagationStep
 from OAIMSSegment.segment_session import SliceEdits
@@ -443,16 +440,14 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
             self._nextSteps.clear()
 
 
-class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt glue only: behaviour is :class:`~OAIMSSegment.module_state.PanelController` and the tables beside it."""
+class OAIMSSegmentWidget(ScriptedLoadableModuleWidget):
+    """Qt glue only: builds the UI and the embedded Segment Editor, connects ``panel.SIGNALS`` and ``SHORTCUTS`` to
+    :class:`~OAIMSSegment.panel.Panel` (all behaviour) and writes its changes back to the widgets."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = self.controller = None
-        self._pointLists: dict[bool, Any] = {}
-        self._shortcuts: list = []
-        self._stopObserving: Callable[[], Any] = lambda: None
+        self.logic = self.panel = None
+        self._shortcuts, self._timers = [], []  # QShortcuts; QTimers kept alive while they run
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -464,237 +459,88 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = OAIMSSegmentLogic(storeFolder=settings.value(SETTINGS["store"]) or None)
         # The Segment Editor beside the tool, on the singleton node (selections carry over to the Segment Editor
         # module); its undo states are ours (Ctrl+Z), its own shortcuts are never installed.
-        self.editor = slicer.qMRMLSegmentEditorWidget()
-        self.editor.setMaximumNumberOfUndoStates(10)
-        self.editor.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
-        self.editor.setMRMLScene(slicer.mrmlScene)
-        self.editor.setUndoEnabled(False)
-        for widget in (ui.inputVolumeSelector, ui.segmentSelectorWidget, ui.inputsLabel0, ui.inputsLabel1):
-            widget.visible = False
-        newSegmentation = qt.QPushButton("New segmentation")
-        ui.inputsCollapsibleButton.layout().addRow(newSegmentation)
-        ui.inputsCollapsibleButton.layout().addRow(self.editor)
-        pump = lambda: slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)  # noqa: E731
-        stamp = lambda: mrml.segment_stamp(self.logic.segmentationNode, self.logic.segmentId)  # noqa: E731
-        self.controller = PanelController(self.logic, JobRunner(pump), EditorUndo(self.editor, stamp), self._status, settings)
-        ui.siteComboBox.editable, ui.siteComboBox.insertPolicy = True, qt.QComboBox.NoInsert
-        ui.storeFolderPathLineEdit.currentPath = self.logic.storeFolder
-        ui.advancedCollapsibleButton.collapsed, ui.busyProgressBar.visible = True, False
-        control = self.controller
-        k = lambda: int(ui.proposalCountSpinBox.value)  # noqa: E731
-        self.actions = {
-            "foreground": lambda: self._place(True), "background": lambda: self._place(False),
-            "undo": lambda: self._do(control.undo), "propagate": lambda: self._do(control.propagate),
-            "accept": self.onAccept, "discard": self.onDiscard,
-            "nextProposal": lambda: self._do(lambda: control.stepProposal(1, k())),
-            "previousProposal": lambda: self._do(lambda: control.stepProposal(-1, k())),
-            "pickProposal": lambda: self._do(control.pickProposal)}
-        # The path edit's own currentPathChanged fires per keystroke; its line edit's editingFinished and, after
-        # browse() (connected first by CTK, so it has run), its browse button commit (ctkPathLineEdit.cpp).
-        storeEdit = slicer.util.findChildren(ui.storeFolderPathLineEdit, className="QLineEdit")[0]
-        browse = slicer.util.findChildren(ui.storeFolderPathLineEdit, className="QToolButton")[0]
-        for widget, signal, slot in (
-            (ui.modelComboBox, "currentIndexChanged(int)", self.onModelChanged),
-            (ui.siteComboBox, "activated(int)", lambda index: self._commitSite()),
-            (ui.siteComboBox.lineEdit(), "editingFinished()", self._commitSite),
-            (storeEdit, "editingFinished()", self._commitStore), (browse, "clicked()", self._commitStore),
-            (newSegmentation, "clicked(bool)", self.onNewSegmentation),
-            (ui.classComboBox, "currentIndexChanged(int)", self.onClassChanged),
-            *((box, "toggled(bool)", self.onAdaptationChanged) for box in (ui.miCheckBox, ui.piCheckBox, ui.clickLabelCheckBox)),
-            *((box, "valueChanged(double)", self.onAdaptationChanged) for box in (ui.sigmaSpinBox, ui.betaSpinBox, ui.lrSpinBox)),
-            (ui.autoPropagateCheckBox, "toggled(bool)", lambda on: setattr(self.logic, "autoPropagate", bool(on))),
-            *((getattr(ui, f"{name}Button"), "clicked(bool)", lambda _=None, name=name: self.actions[name]())
-              for name in ("undo", "propagate", "accept", "discard")),
-            (ui.proposeButton, "clicked(bool)", lambda: self._runNow(self.logic.proposeNextSteps, k())),
-            (ui.pickProposalButton, "clicked(bool)", lambda: self._do(lambda: control.pickProposal(int(ui.proposalIndexSpinBox.value) - 1))),
-            (ui.resetSiteButton, "clicked(bool)", self.onResetSite),
-            (ui.rollbackButton, "clicked(bool)", lambda: self._runNow(self.logic.rollbackSiteModel, int(ui.rollbackSpinBox.value))),
-            (ui.exportButton, "clicked(bool)", lambda: self._archive(qt.QFileDialog.getSaveFileName, "Export", self.logic.exportSiteModel)),
-            (ui.importButton, "clicked(bool)", lambda: self._archive(qt.QFileDialog.getOpenFileName, "Import", self.logic.importSiteModel)),
-        ):
-            widget.connect(signal, slot)
+        self.editor = editor = ui.segmentEditorWidget = slicer.qMRMLSegmentEditorWidget()
+        editor.setMaximumNumberOfUndoStates(10)
+        editor.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setUndoEnabled(False)
+        ui.newSegmentationButton = qt.QPushButton("New segmentation")
+        for widget in (ui.newSegmentationButton, editor):
+            ui.inputsCollapsibleButton.layout().addRow(widget)
+        # The store path edit's own line edit and browse button (its only QToolButton; CTK connects browse() to it first).
+        ui.storeLineEdit, ui.storeBrowseButton = (slicer.util.findChildren(ui.storeFolderPathLineEdit, className=name)[0]
+                                                  for name in ("QLineEdit", "QToolButton"))
+        ui.siteLineEdit, places = ui.siteComboBox.lineEdit(), {True: ui.foregroundPlaceWidget, False: ui.backgroundPlaceWidget}
+        dialog = lambda save: qt.QFileDialog.getSaveFileName if save else qt.QFileDialog.getOpenFileName  # noqa: E731
+        gui = Gui(status=lambda text: setattr(ui.statusLabel, "text", text), ask=slicer.util.confirmOkCancelDisplay,
+                  askYesNo=slicer.util.confirmYesNoDisplay, warn=lambda text: slicer.util.warningDisplay(text, windowTitle="OAIMS Segment"),
+                  askPath=lambda save, caption, filter: dialog(save)(None, caption, "", filter),
+                  place=lambda positive, on: places[positive].setPlaceModeEnabled(on), showPoints=self._showPoints,
+                  every=self._every, restart=slicer.util.restart, waitCursor=slicer.util.WaitCursor, show=self._show)
+        # Between waits for the worker: disable the controls (first pump of a job), repaint, run timers; input waits.
+        pump = lambda: (self._show(), slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents))  # noqa: E731
+        self.panel = Panel(self.logic, JobRunner(pump), editor, gui, slicer.mrmlScene, settings)
+        for name, signal, method, arguments in SIGNALS:
+            getattr(ui, name).connect(signal, self._slot(method, arguments))
         for key, name, _ in SHORTCUTS:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
             shortcut.enabled = False  # live only while the module is entered
-            shortcut.connect("activated()", self.actions[name])
+            shortcut.connect("activated()", self._slot("act", (name,)))
             self._shortcuts.append(shortcut)
-        self.addObserver(mrml.segment_editor_node(slicer.mrmlScene), vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
-        self._stopObserving = mrml.observe_scene(slicer.mrmlScene, self._onSceneClose, self.controller.nodeRemoved)
-        self._listModels()
-        self._listSites(settings.value(SETTINGS["site"]) or DEFAULT_SITE)
-        self._commitSite()
+        self.panel.setup(settings.value(SETTINGS["site"]))
+        self._show()
+
+    def _slot(self, method: str, arguments: tuple) -> Callable[..., None]:
+        """``*args``, so PythonQt passes all the signal's arguments (PythonQtSignalTarget::call); then show the changes."""
+        def slot(*signalArgs: Any) -> None:
+            getattr(self.panel, method)(*slot_arguments(arguments, signalArgs, lambda name: getattr(self.ui, name)))
+            self._show()
+        return slot
+
+    def _show(self) -> None:
+        for name, values in self.panel.changes().items():
+            widget = getattr(self.ui, name)
+            wasBlocked = widget.blockSignals(True)  # what the panel shows is not a user's action
+            for prop, value in values.items():
+                if prop == "items":
+                    widget.clear()
+                    for text, data in value:
+                        widget.addItem(text, data)
+                else:
+                    setattr(widget, prop, value)
+            widget.blockSignals(wasBlocked)
+
+    def _showPoints(self, positive: bool, node) -> None:
+        widget = self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget
+        widget.setMRMLScene(slicer.mrmlScene)
+        widget.setCurrentNode(node)
+        widget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+
+    def _every(self, ms: int, tick: Callable[[], None]) -> Callable[[], None]:
+        timer = qt.QTimer()
+        timer.connect("timeout()", tick)
+        timer.start(ms)
+        self._timers.append(timer)
+        return timer.stop
 
     def cleanup(self) -> None:
-        self.removeObservers()
-        self._stopObserving()
+        self.panel.cleanup()
         for shortcut in self._shortcuts:
             shortcut.setParent(None)
             shortcut.deleteLater()
 
     def enter(self) -> None:
-        for positive in (True, False):
-            self._pointList(positive)
+        self.panel.enter()
         self._enableShortcuts(True)
-        if self.editor.sourceVolumeNode() is None:  # start at the volume shown, not at None
-            self.editor.setSourceVolumeNode(mrml.shown_volume(slicer.mrmlScene))
-        self._refresh()
+        self._show()
 
     def exit(self) -> None:
-        for widget in (self.ui.foregroundPlaceWidget, self.ui.backgroundPlaceWidget):
-            widget.setPlaceModeEnabled(False)
+        self.panel.exit()
         self._enableShortcuts(False)
 
     def _enableShortcuts(self, enabled: bool) -> None:
         for shortcut in self._shortcuts:
             shortcut.enabled = enabled
-
-    def _onSceneClose(self) -> None:
-        self.exit()
-        self.controller.sceneClosing()
-
-    def _pointList(self, positive: bool):
-        """The markups point list of foreground (``positive``) or background clicks, created on demand."""
-        node = self._pointLists.get(positive)
-        if node is None or node.GetScene() is None:
-            node = self._pointLists[positive] = mrml.click_point_list(slicer.mrmlScene, positive)
-            self.addObserver(node, node.PointPositionDefinedEvent, self.onPointDefined)
-            widget = self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget
-            widget.setMRMLScene(slicer.mrmlScene)
-            widget.setCurrentNode(node)
-            widget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
-        return node
-
-    def _place(self, positive: bool) -> None:
-        self._pointList(positive)
-        (self.ui.foregroundPlaceWidget if positive else self.ui.backgroundPlaceWidget).setPlaceModeEnabled(True)
-
-    @vtk.calldata_type(vtk.VTK_INT)
-    def onPointDefined(self, node, event, index=None) -> None:
-        index = node.GetNumberOfControlPoints() - 1 if index is None else index  # None: a batched event
-        node.SetNthControlPointLocked(index, True)
-        ras, sliceNode = mrml.placed_point(slicer.mrmlScene, node, index)
-        pointId = node.GetNthControlPointID(index)
-        marker = Marker(lambda: node.RemoveNthControlPoint(node.GetNthControlPointIndexByID(pointId)))
-        self._do(lambda: self.controller.click(ras, node is self._pointLists.get(True), sliceNode or "Axial", marker))
-
-    def onEditorNodeModified(self, *_: Any) -> None:
-        node = self.editor.mrmlSegmentEditorNode()
-        self._do(lambda: self.controller.selectInputs(node.GetSourceVolumeNode(), node.GetSegmentationNode(), node.GetSelectedSegmentID()))
-
-    def onNewSegmentation(self) -> None:
-        volume = self.editor.sourceVolumeNode()
-        if volume is None:
-            return self._status("Choose the volume to segment first (Source volume).")
-        segmentation, segmentId = mrml.new_segmentation(slicer.mrmlScene, volume, segment_name(self.logic.card))
-        self.editor.setSegmentationNode(segmentation)
-        self.editor.setCurrentSegmentID(segmentId)
-
-    def onAccept(self) -> None:
-        self._do(self.controller.accept)
-        if self.controller.acceptWarning():
-            slicer.util.warningDisplay(self.controller.acceptWarning(), windowTitle="OAIMS Segment")
-
-    def onDiscard(self) -> None:
-        if self.logic.workedSlices:
-            revert = slicer.util.confirmYesNoDisplay("Discard this segment's model updates. Also erase what the clicks drew on its slices?")
-            self._do(lambda: self.controller.discard(revertSlices=bool(revert)))
-
-    def _do(self, action: Callable[[], Any]) -> None:
-        action()
-        self._refresh()
-
-    def _refresh(self) -> None:
-        for key, enabled in self.controller.enabled().items():
-            for name in CONTROLS.get(key, ()):
-                getattr(self.ui, name).enabled = enabled
-        info = self.logic.siteModelInfo()
-        self.ui.siteInfoLabel.text = site_text(info)
-        self.ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
-
-    def _status(self, text: str) -> None:
-        self.ui.statusLabel.text = text
-        logging.info(f"OAIMSSegment: {text}")
-
-    def _listSites(self, current: str) -> None:
-        combo = self.ui.siteComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for name in self.controller.siteChoices(current):
-            combo.addItem(name)
-        combo.setCurrentText(current)
-        combo.blockSignals(wasBlocked)
-
-    def _commitSite(self) -> None:
-        self._do(lambda: self.controller.commitSite(self.ui.siteComboBox.currentText))
-
-    def _commitStore(self) -> None:
-        if self.controller.commitStore(self.ui.storeFolderPathLineEdit.currentPath):
-            self._listSites(self.controller.site.value)
-        self._refresh()
-
-    def _listModels(self) -> None:
-        self.ui.modelComboBox.clear()
-        for text, data in model_entries(self.logic.availableModels(), self.logic.missingDependencies()):
-            self.ui.modelComboBox.addItem(text, data)
-
-    def onModelChanged(self, index: int) -> None:
-        name, ui = self.ui.modelComboBox.itemData(index), self.ui
-        if name == INSTALL_ENTRY:
-            missing = self.logic.missingDependencies()
-            if missing and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(missing)}? This needs a network connection."):
-                if self._runNow(lambda: setattr(self, "_install", self.logic.installInBackground())):
-                    self._installTimer = qt.QTimer()
-                    self._installTimer.connect("timeout()", self._pollInstall)
-                    self._installTimer.start(200)  # pip runs in its own process: the panel stays live
-            return
-        if not name or not self._runNow(self.logic.setModel, name):
-            return
-        self.logic.forgetNodes()  # the new model's classes: the segment restarts at the next selection
-        self.onEditorNodeModified()
-        ui.classComboBox.clear()
-        for className, classIndex in sorted(self.logic.card.labels.items(), key=lambda item: item[1]):
-            if classIndex:
-                ui.classComboBox.addItem(className, classIndex)
-        settings = self.logic.adaptationSettings()
-        for widget, key, value in ((ui.sigmaSpinBox, "sigma", "value"), (ui.betaSpinBox, "beta", "value"),
-                                   (ui.lrSpinBox, "lr", "value"), (ui.clickLabelCheckBox, "clickLabel", "checked")):
-            wasBlocked = widget.blockSignals(True)
-            setattr(widget, value, settings[key])
-            widget.blockSignals(wasBlocked)
-
-    def _pollInstall(self) -> None:
-        if self.controller.pollInstall(self._install, slicer.util.confirmOkCancelDisplay, slicer.util.restart):
-            self._installTimer.stop()
-
-    def onClassChanged(self, index: int) -> None:
-        if index >= 0 and self.logic.card is not None:
-            self.logic.setActiveClass(int(self.ui.classComboBox.itemData(index)))
-
-    def onAdaptationChanged(self, *_: Any) -> None:
-        ui = self.ui
-        self.logic.setAdaptation(mi=ui.miCheckBox.checked, pi=ui.piCheckBox.checked, sigma=ui.sigmaSpinBox.value,
-                                 beta=ui.betaSpinBox.value, lr=ui.lrSpinBox.value, clickLabel=ui.clickLabelCheckBox.checked)
-
-    def _runNow(self, action: Callable, *args: Any) -> bool:
-        """Run a Logic action now, on the main thread; show its error; refresh the site line. True if it succeeded."""
-        try:
-            with slicer.util.WaitCursor():
-                action(*args)
-            return True
-        except OAIMSError as error:
-            self._status(str(error))
-            return False
-        finally:
-            self._refresh()
-
-    def onResetSite(self) -> None:
-        if slicer.util.confirmOkCancelDisplay("Reset this site to the pretrained model? Saved versions are kept."):
-            self._runNow(self.logic.resetSiteModel)
-
-    def _archive(self, askPath: Callable, verb: str, action: Callable[[str], Any]) -> None:
-        path = askPath(None, f"{verb} site model", "", "OAIMS site model (*.oaims.zip)")
-        if path:
-            self._runNow(action, path)
 
 
 class OAIMSSegmentTest(ScriptedLoadableModuleTest):

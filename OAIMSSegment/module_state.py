@@ -1,4 +1,4 @@
-"""What the Slicer panel does, without Qt: the Widget only connects signals to a :class:`PanelController`.
+"""What the Slicer panel does, without Qt: the Widget's signals reach ``panel.Panel``, which drives a :class:`PanelController`.
 
 The controller runs every action of the Logic through a :class:`~OAIMSSegment.runner.JobRunner`
 (the model work on the worker, the main thread pumping events; actions that arrive meanwhile wait
@@ -38,8 +38,10 @@ SHORTCUTS = (
     ("Ctrl+Backspace", "discard", "discard the segment"),
 )
 
-#: The controls (names in ``Resources/UI/OAIMSSegment.ui``) each key of :meth:`PanelController.enabled` governs.
+#: The controls (names in ``Resources/UI/OAIMSSegment.ui``, or added by the Widget: the embedded Segment Editor
+#: and *New segmentation*) each key of :meth:`PanelController.enabled` governs.
 CONTROLS = {
+    "inputs": ("segmentEditorWidget", "newSegmentationButton"),
     "place": ("foregroundPlaceWidget", "backgroundPlaceWidget"), "undo": ("undoButton",), "propagate": ("propagateButton",),
     "accept": ("acceptButton",), "proposals": ("proposeButton", "pickProposalButton"), "discard": ("discardButton",),
     "site": ("siteCollapsibleButton",), "model": ("modelComboBox", "classComboBox"),

@@ -166,6 +166,18 @@ def observe_scene(scene: "slicer.vtkMRMLScene", on_close, on_node_removed):
     return lambda: [scene.RemoveObserver(tag) for tag in tags]
 
 
+def observe(caller, event, callback, index_data: bool = False):
+    """Call ``callback()`` on each ``event`` of ``caller`` (``index_data``: ``callback(index)`` with the event's int
+    call data, e.g. a markups point's index, None when batched); returns a function that removes the observer."""
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def indexed(caller_, event_, index=None):
+        callback(index)
+
+    tag = caller.AddObserver(event, indexed if index_data else lambda caller_, event_: callback())
+    return lambda: caller.RemoveObserver(tag)
+
+
 def volume_dimensions(volume_node: "slicer.vtkMRMLVolumeNode") -> tuple[int, int, int]:
     """``(I, J, K)`` voxel counts of the volume."""
     image = volume_node.GetImageData()

@@ -136,8 +136,6 @@ def test_committed_fields_are_remembered_and_existing_sites_listed(module, scene
 def test_shortcut_and_control_tables_match_the_widget_the_ui_and_the_docs():
     source = (REPO / "OAIMSSegment.py").read_text()
     widget = source[source.index("class OAIMSSegmentWidget"):source.index("class OAIMSSegmentTest")]
-    actions = set(re.findall(r'"(\w+)": (?:lambda|self\.)', widget))
-    assert {name for _, name, _ in SHORTCUTS} <= actions, sorted({name for _, name, _ in SHORTCUTS} - actions)
     keys = [key for key, _, _ in SHORTCUTS]
     assert len(set(keys)) == len(keys)
     # Keys Slicer's slice views already use (v5.8.1 vtkMRMLSliceIntersectionWidget.cxx:164-192) stay theirs.
@@ -146,7 +144,9 @@ def test_shortcut_and_control_tables_match_the_widget_the_ui_and_the_docs():
     for key in keys:
         assert f"| `{key}` |" in docs, f"{key} is not in docs/SLICER.md's shortcut table"
     names = {w.get("name") for w in ET.parse(REPO / "Resources" / "UI" / "OAIMSSegment.ui").iter("widget")}
-    assert {n for group in CONTROLS.values() for n in group} <= names
+    added = {"segmentEditorWidget", "newSegmentationButton", "siteLineEdit", "storeLineEdit", "storeBrowseButton"}  # made in setup()
+    assert {n for group in CONTROLS.values() for n in group} <= names | added
     used = set(re.findall(r"\bui\.(\w+)", widget))
-    assert used <= names, sorted(used - names)
-    assert len(source.splitlines()) <= 800  # the module file: Logic glue, Qt wiring and the self-test only
+    assert used <= names | added, sorted(used - names - added)
+    assert len(source.splitlines()) <= 760  # the module file: Logic glue, Qt wiring and the self-test only
+    assert len(widget.rstrip().splitlines()) <= 110  # the Widget fits on one screen: its behaviour is panel.py
