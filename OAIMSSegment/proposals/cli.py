@@ -90,12 +90,14 @@ def _fit_prior_command(args: argparse.Namespace) -> int:
     started = time.time()
     fitted = fit_latent_prior(model, images, args.pairs, args.seed, model.card.get("growth", "random"), augment=not synthetic)
     fitted["seconds"] = round(time.time() - started, 1)
-    fitted["command"] = f"python -m OAIMSSegment proposals-fit-prior --model {args.model} --data {args.data} --pairs {args.pairs} --seed {args.seed}"
+    fitted["command"] = (
+        f"python -m OAIMSSegment proposals-fit-prior --model {args.model} --data {args.data} --pairs {args.pairs} --seed {args.seed}"
+    )
     card = read_card(card_path)
     card["latent_prior"] = fitted
     write_card(card_path, card)
-    print(f"fitted prior on {args.pairs} training pairs in {fitted['seconds']} s; written to {card_path}"
-          f" (sampling still {card_sampling(model)[0]!r} until proposals-eval --prior fitted --update-card)")  # fmt: skip
+    print(f"fitted prior on {args.pairs} training pairs in {fitted['seconds']} s; written to {card_path} (the card samples"
+          f" from {card_sampling(model)[0]!r}; proposals-eval --prior fitted --update-card makes the fitted one its choice)")  # fmt: skip
     return 0
 
 
@@ -116,7 +118,8 @@ def _eval_command(args: argparse.Namespace) -> int:
     size = model.config.input_size
     images = load_images(args.data, "Ts", size, args.n, args.seed)
     started = time.time()
-    metrics = evaluate(model, images, args.n, args.k, args.seed, growth=model.card.get("growth", "random"), prior=prior, temperature=temperature)
+    growth = model.card.get("growth", "random")
+    metrics = evaluate(model, images, args.n, args.k, args.seed, growth=growth, prior=prior, temperature=temperature)
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["command"] = (
         f"python -m OAIMSSegment proposals-eval --model {args.model} --data {args.data} --n {args.n} --k {args.k} --seed {args.seed}"
@@ -168,7 +171,8 @@ def _user_command(args: argparse.Namespace) -> int:
         args.prior, args.temperature,
     )  # fmt: skip
     summary.update(
-        model=args.model, prior=args.prior, temperature=args.temperature, oaims_model=args.oaims_model or "demo-synthetic-blobs", data=args.data,
+        model=args.model, prior=args.prior, temperature=args.temperature,
+        oaims_model=args.oaims_model or "demo-synthetic-blobs", data=args.data,
         seconds=round(time.time() - started, 1), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         command=_user_command_line(args),
     )  # fmt: skip
@@ -183,7 +187,10 @@ def _user_command(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``proposals-train``, ``proposals-fit-prior``, ``proposals-eval`` and ``proposals-user``; each ``func`` returns an exit code."""
+    """Register ``proposals-train``, ``proposals-fit-prior``, ``proposals-eval`` and ``proposals-user``.
+
+    Each command's ``func`` returns an exit code.
+    """
     train_parser = subparsers.add_parser("proposals-train", help="train the probabilistic partial-segmentation model")
     train_parser.add_argument("--out", required=True, help="weights file MODEL.pt (its card goes to MODEL.json)")
     train_parser.add_argument("--data", default="synthetic", help="'synthetic' (paper's disks) or a 2D nnU-Net dataset folder")
@@ -219,7 +226,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     fit_parser.set_defaults(func=_fit_prior_command)
 
     def add_sampling(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--prior", choices=PRIOR_KINDS, help="latent distribution: 'standard' N(0, I) or 'fitted' (default: the card's)")
+        parser.add_argument(
+            "--prior", choices=PRIOR_KINDS, help="latent distribution: 'standard' N(0, I) or 'fitted' (default: the card's)"
+        )
         parser.add_argument("--temperature", type=positive_float, help="scale of the latent sample (default: the card's, else 1)")
 
     eval_parser = subparsers.add_parser("proposals-eval", help="evaluate proposals on held-out inputs (paper Section 3)")

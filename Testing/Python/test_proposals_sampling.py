@@ -48,7 +48,8 @@ def test_temperature_one_reproduces_the_prior_samples_bit_for_bit(shipped: P.Pro
         before = shipped.decode(z, inputs.repeat_interleave(3, dim=0)).view(24, 3, 2, 32, 32)
     logits, _, _ = P.sample_proposals(shipped, inputs, 3, torch.Generator().manual_seed(5), "standard", 1.0)
     assert torch.equal(logits, before)
-    assert torch.equal(sample_latent(shipped, 7, torch.Generator().manual_seed(1)), shipped.prior_sample(7, torch.Generator().manual_seed(1)))
+    drawn = sample_latent(shipped, 7, torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, shipped.prior_sample(7, torch.Generator().manual_seed(1)))
 
 
 def test_spread_and_additions_grow_with_temperature(shipped: P.ProposalModel, inputs: torch.Tensor) -> None:
