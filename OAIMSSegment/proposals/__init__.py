@@ -13,8 +13,11 @@ One concept a module:
 * :mod:`.data`: synthetic disks, random partialness shapes, input / target pairs, fundus sets;
 * :mod:`.io`: weights and model card (``"kind": "proposals"``), saved atomically, sha256-checked;
 * :mod:`.inference`: :func:`propose_next_steps` (the Slicer module's call) and :func:`sample_proposals`;
+* :mod:`.prior`: the latent distribution samples come from (``N(0, I)`` or a Gaussian fitted to the
+  aggregate posterior, :func:`fit_latent_prior`), its temperature, and the card's choice (:func:`card_sampling`);
 * :mod:`.train`, :mod:`.metrics` (:func:`evaluate`), :mod:`.figure`;
-* :mod:`.cli`: :func:`add_commands` registers ``proposals-train`` / ``proposals-eval``.
+* :mod:`.cli`: :func:`add_commands` registers ``proposals-train``, ``proposals-fit-prior``,
+  ``proposals-eval`` and ``proposals-user``.
 
 The names below are re-exported so that ``from OAIMSSegment.proposals import ...`` keeps working.
 """
@@ -28,10 +31,12 @@ from OAIMSSegment.proposals.io import WEIGHTS_FORMAT, load_proposal_model, save_
 from OAIMSSegment.proposals.loss import ProposalLoss, kl_standard_normal
 from OAIMSSegment.proposals.metrics import evaluate
 from OAIMSSegment.proposals.model import ProposalConfig, ProposalModel, binarise, compose
+from OAIMSSegment.proposals.prior import PRIOR_KINDS, card_sampling, fit_latent_prior, sample_latent
 from OAIMSSegment.proposals.train import sample_batch, train
 
 __all__ = [
     "MODELS_DIR",
+    "PRIOR_KINDS",
     "WEIGHTS_FORMAT",
     "ImageSet",
     "Proposal",
@@ -40,8 +45,10 @@ __all__ = [
     "ProposalModel",
     "add_commands",
     "binarise",
+    "card_sampling",
     "compose",
     "evaluate",
+    "fit_latent_prior",
     "kl_standard_normal",
     "load_fundus_dataset",
     "load_images",
@@ -52,6 +59,7 @@ __all__ = [
     "proposal_figure",
     "propose_next_steps",
     "sample_batch",
+    "sample_latent",
     "sample_proposals",
     "save_proposal_model",
     "train",

@@ -1,4 +1,4 @@
-"""The ``proposals-train`` and ``proposals-eval`` commands (registered by :func:`add_commands`)."""
+"""The ``proposals-train``, ``proposals-fit-prior``, ``proposals-eval`` and ``proposals-user`` commands (:func:`add_commands`)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from OAIMSSegment.proposals.data import GROWTH_MODES, load_images
 from OAIMSSegment.proposals.figure import proposal_figure
 from OAIMSSegment.proposals.io import load_proposal_model, model_files, read_card, save_proposal_model, write_card
 from OAIMSSegment.proposals.loss import PARTIAL_DICE_MODES
-from OAIMSSegment.arguments import positive_int
+from OAIMSSegment.arguments import positive_float, positive_int
 from OAIMSSegment.proposals.metrics import evaluate
-from OAIMSSegment.proposals.model import SEGMENTATION_PROBABILITIES, ProposalConfig
+from OAIMSSegment.proposals.model import SEGMENTATION_PROBABILITIES, ProposalConfig, ProposalModel
+from OAIMSSegment.proposals.prior import PRIOR_KINDS, card_sampling, fit_latent_prior
 from OAIMSSegment.proposals.train import train
 from OAIMSSegment.proposals.user import LOOPS, compare, dataset_cases, synthetic_cases
 
@@ -71,37 +72,78 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_command(args: argparse.Namespace) -> int:
-    """``proposals-eval``: the paper's metrics on held-out inputs; optional JSON, figure and card update."""
+def _card_path(model_name: str) -> Path:
+    """The card of ``model_name``; raises ``ModelError`` when it has none."""
+    _, card_path = model_files(model_name)
+    if card_path is None:
+        raise ModelError(f"{model_name} has no model card to update")
+    return card_path
+
+
+def _fit_prior_command(args: argparse.Namespace) -> int:
+    """``proposals-fit-prior``: fit the aggregate-posterior Gaussian on training pairs, store it in the card."""
     torch.set_num_threads(args.threads)
     model = load_proposal_model(args.model)
+    card_path = _card_path(args.model)
+    synthetic = args.data == "synthetic"
+    images = load_images(args.data, "Tr", model.config.input_size, model.card.get("train_images", 1000), model.card.get("seed", 0))
+    started = time.time()
+    fitted = fit_latent_prior(model, images, args.pairs, args.seed, model.card.get("growth", "random"), augment=not synthetic)
+    fitted["seconds"] = round(time.time() - started, 1)
+    fitted["command"] = (
+        f"python -m OAIMSSegment proposals-fit-prior --model {args.model} --data {args.data} --pairs {args.pairs} --seed {args.seed}"
+    )
+    card = read_card(card_path)
+    card["latent_prior"] = fitted
+    write_card(card_path, card)
+    print(f"fitted prior on {args.pairs} training pairs in {fitted['seconds']} s; written to {card_path} (the card samples"
+          f" from {card_sampling(model)[0]!r}; proposals-eval --prior fitted --update-card makes the fitted one its choice)")  # fmt: skip
+    return 0
+
+
+def _sampling(model: ProposalModel, args: argparse.Namespace) -> tuple[str, float]:
+    """``--prior`` / ``--temperature``, each defaulting to the model card's choice."""
+    prior, temperature = card_sampling(model)
+    return args.prior or prior, temperature if args.temperature is None else args.temperature
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    """``proposals-eval``: the paper's metrics on held-out inputs; optional JSON, figure and card update.
+
+    ``--update-card`` also records the prior and temperature measured as the card's sampling choice.
+    """
+    torch.set_num_threads(args.threads)
+    model = load_proposal_model(args.model)
+    prior, temperature = _sampling(model, args)
     size = model.config.input_size
     images = load_images(args.data, "Ts", size, args.n, args.seed)
     started = time.time()
-    metrics = evaluate(model, images, args.n, args.k, args.seed, growth=model.card.get("growth", "random"))
+    growth = model.card.get("growth", "random")
+    metrics = evaluate(model, images, args.n, args.k, args.seed, growth=growth, prior=prior, temperature=temperature)
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["command"] = (
         f"python -m OAIMSSegment proposals-eval --model {args.model} --data {args.data} --n {args.n} --k {args.k} --seed {args.seed}"
+        f" --prior {prior} --temperature {temperature:g}"
     )
     print(json.dumps(metrics, indent=2))
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
     if args.figure:
-        proposal_figure(model, images, Path(args.figure), args.seed)
+        proposal_figure(model, images, Path(args.figure), args.seed, prior=prior, temperature=temperature)
     if args.update_card:
-        _, card_path = model_files(args.model)
-        if card_path is None:
-            raise ModelError(f"{args.model} has no model card to update")
+        card_path = _card_path(args.model)
         card = read_card(card_path)
+        card["sampling"] = {"prior": prior, "temperature": temperature}
         card.setdefault("metrics", {})[args.data if args.data == "synthetic" else Path(args.data).name] = metrics
         write_card(card_path, card)
+        print(f"{card_path}: sampling prior {prior!r}, temperature {temperature:g}")
     return 0
 
 
 def _user_command_line(args: argparse.Namespace) -> str:
     """The ``proposals-user`` command line that reproduces ``args`` (for the JSON)."""
     options = ["model", "oaims_model", "data", "split", "target", "n", "data_seed", "slices_per_case", "min_pixels",
-               "k", "seeds", "brush", "threshold", "cap", "loops"]  # fmt: skip
+               "k", "prior", "temperature", "seeds", "brush", "threshold", "cap", "loops"]  # fmt: skip
     parts = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in options if getattr(args, name) is not None]
     return "python -m OAIMSSegment proposals-user " + " ".join(parts)
 
@@ -117,6 +159,7 @@ def _user_command(args: argparse.Namespace) -> int:
     else:
         cases = dataset_cases(args.data, args.split, args.target, args.slices_per_case, args.min_pixels, args.n)
     proposal_model = load_proposal_model(args.model)
+    args.prior, args.temperature = _sampling(proposal_model, args)
     click_model = load_model(args.oaims_model or "demo-synthetic-blobs")
     brush = args.brush * max(cases[0].truth.shape)
     started = time.time()
@@ -124,10 +167,12 @@ def _user_command(args: argparse.Namespace) -> int:
     if any(name not in LOOPS for name in loops):
         raise ModelError(f"--loops must be some of {', '.join(LOOPS)}, got {args.loops!r}")
     summary = compare(
-        proposal_model, click_model, cases, args.k, brush, list(range(args.seeds)), args.threshold, args.cap, loops
+        proposal_model, click_model, cases, args.k, brush, list(range(args.seeds)), args.threshold, args.cap, loops,
+        args.prior, args.temperature,
     )  # fmt: skip
     summary.update(
-        model=args.model, oaims_model=args.oaims_model or "demo-synthetic-blobs", data=args.data,
+        model=args.model, prior=args.prior, temperature=args.temperature,
+        oaims_model=args.oaims_model or "demo-synthetic-blobs", data=args.data,
         seconds=round(time.time() - started, 1), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         command=_user_command_line(args),
     )  # fmt: skip
@@ -142,7 +187,10 @@ def _user_command(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``proposals-train``, ``proposals-eval`` and ``proposals-user``; each ``func`` returns an exit code."""
+    """Register ``proposals-train``, ``proposals-fit-prior``, ``proposals-eval`` and ``proposals-user``.
+
+    Each command's ``func`` returns an exit code.
+    """
     train_parser = subparsers.add_parser("proposals-train", help="train the probabilistic partial-segmentation model")
     train_parser.add_argument("--out", required=True, help="weights file MODEL.pt (its card goes to MODEL.json)")
     train_parser.add_argument("--data", default="synthetic", help="'synthetic' (paper's disks) or a 2D nnU-Net dataset folder")
@@ -167,6 +215,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     train_parser.set_defaults(func=_train_command)
 
+    fit_parser = subparsers.add_parser(
+        "proposals-fit-prior", help="fit a Gaussian to the encoder's aggregate posterior and store it in the model card"
+    )
+    fit_parser.add_argument("--model", default="proposals-synthetic-disks", help="shipped model name or MODEL.pt (with its card)")
+    fit_parser.add_argument("--data", default="synthetic", help="the model's training data: 'synthetic' or its dataset folder")
+    fit_parser.add_argument("--pairs", type=positive_int, default=4000, help="training pairs to fit on")
+    fit_parser.add_argument("--seed", type=int, default=1, help="seed of the pairs")
+    fit_parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    fit_parser.set_defaults(func=_fit_prior_command)
+
+    def add_sampling(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--prior", choices=PRIOR_KINDS, help="latent distribution: 'standard' N(0, I) or 'fitted' (default: the card's)"
+        )
+        parser.add_argument("--temperature", type=positive_float, help="scale of the latent sample (default: the card's, else 1)")
+
     eval_parser = subparsers.add_parser("proposals-eval", help="evaluate proposals on held-out inputs (paper Section 3)")
     eval_parser.add_argument("--model", default="proposals-synthetic-disks", help="shipped model name or MODEL.pt")
     eval_parser.add_argument("--data", default="synthetic", help="'synthetic' or a 2D nnU-Net dataset folder (its imagesTs)")
@@ -175,7 +239,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     eval_parser.add_argument("--seed", type=int, default=0)
     eval_parser.add_argument("--json", help="write the metrics to OUT.json")
     eval_parser.add_argument("--figure", help="write a Figure-3-like PNG")
-    eval_parser.add_argument("--update-card", action="store_true", help="record the metrics in the model card")
+    eval_parser.add_argument(
+        "--update-card", action="store_true", help="record the metrics, and the prior and temperature measured, in the model card"
+    )
+    add_sampling(eval_parser)
     eval_parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     eval_parser.set_defaults(func=_eval_command)
 
@@ -190,6 +257,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     user_parser.add_argument("--slices-per-case", type=positive_int, default=3, help="axial slices of each 3D case")
     user_parser.add_argument("--min-pixels", type=positive_int, default=100, help="skip images with fewer target pixels")
     user_parser.add_argument("--k", type=positive_int, default=3, help="proposals per round")
+    add_sampling(user_parser)
     user_parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1")
     user_parser.add_argument("--brush", type=float, default=1 / 16, help="correction brush radius, a fraction of the longer image side")
     user_parser.add_argument("--threshold", type=float, default=0.9, help="Dice the user stops at")

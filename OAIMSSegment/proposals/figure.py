@@ -17,9 +17,19 @@ from OAIMSSegment.proposals.model import ProposalModel, stack_planes
 __all__ = ["proposal_figure"]
 
 
-def proposal_figure(model: ProposalModel, images: ImageSet, path: Path, seed: int, rows: int = 5, k: int = 4) -> None:
+def proposal_figure(
+    model: ProposalModel,
+    images: ImageSet,
+    path: Path,
+    seed: int,
+    rows: int = 5,
+    k: int = 4,
+    prior: str = "standard",
+    temperature: float = 1.0,
+) -> None:
     """A figure like the paper's Figure 3: per row the input partial segmentation, ``k`` proposals
-    and the ground truth the input was cut from; foreground red, background blue, over the image.
+    (``z`` from ``prior`` at ``temperature``, see :func:`sample_proposals`) and the ground truth
+    the input was cut from; foreground red, background blue, over the image.
     """
     import matplotlib
 
@@ -31,7 +41,7 @@ def proposal_figure(model: ProposalModel, images: ImageSet, path: Path, seed: in
     gt = images.sample_ground_truths(indices, rng)
     pairs = make_pairs(gt, rng)
     x = stack_planes(images.images[indices], pairs["x_m"], pairs["x_s"])
-    _, m, s = sample_proposals(model, x, k, torch.Generator().manual_seed(seed))
+    _, m, s = sample_proposals(model, x, k, torch.Generator().manual_seed(seed), prior, temperature)
 
     def overlay(axis: Any, image: np.ndarray, mask: np.ndarray, fg: np.ndarray, title: str) -> None:
         rgba = np.zeros((*image.shape, 4))

@@ -1,7 +1,9 @@
-"""Proposing next steps: ``k`` larger partial segmentations of one image from ``z ~ N(0, I)``.
+"""Proposing next steps: ``k`` larger partial segmentations of one image, one per latent sample.
 
 :func:`propose_next_steps` is what the Slicer module calls, in the image's own grid;
 :func:`sample_proposals` is the batched model-grid sampler the evaluation and figure share.
+Latents come from :func:`~OAIMSSegment.proposals.prior.sample_latent` (the CVAE's prior
+``N(0, I)`` or the fitted one, scaled by a temperature); a model's card chooses the default.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from OAIMSSegment.errors import InvalidImageError
 from OAIMSSegment.proposals.data import LUMINANCE, normalise_image
 from OAIMSSegment.proposals.model import ProposalModel, binarise
+from OAIMSSegment.proposals.prior import card_sampling, sample_latent
 
 __all__ = ["Proposal", "propose_next_steps", "sample_proposals"]
 
@@ -66,18 +69,27 @@ def _to_model_grid(array: np.ndarray, size: int, mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_proposals(model: ProposalModel, x: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` decoder samples with ``z ~ N(0, I)`` for each input.
+def sample_proposals(
+    model: ProposalModel,
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None,
+    prior: str = "standard",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` decoder samples for each input, ``z`` from :func:`sample_latent` (``prior``, ``temperature``).
 
     Args:
         x: ``(B, 3, S, S)`` = image, ``x_m``, ``x_s``.
+        prior, temperature: ``"standard"`` and 1 draw ``z ~ N(0, I)`` (the paper); a temperature
+            above 1 spreads the samples further; ``"fitted"`` uses the card's fitted Gaussian.
 
     Returns:
         ``(logits (B, k, 2, S, S), m (B, k, S, S) bool, s (B, k, S, S) bool)`` -- the latter two
         from :func:`binarise`.
     """
     b, size = x.shape[0], x.shape[-1]
-    z = model.prior_sample(b * k, generator)
+    z = sample_latent(model, b * k, generator, prior, temperature)
     xk = x.repeat_interleave(k, dim=0)
     logits = model.decode(z, xk)
     m, s = binarise(logits, xk[:, 1:2], xk[:, 2:3])
@@ -91,6 +103,8 @@ def propose_next_steps(
     seg_mask: np.ndarray,
     k: int = 3,
     seed: int | None = None,
+    prior: str | None = None,
+    temperature: float | None = None,
 ) -> list[Proposal]:
     """Sample ``k`` larger partial segmentations for one 2D image.
 
@@ -103,6 +117,8 @@ def propose_next_steps(
             as decided even if ``partial_mask`` misses it.
         k: number of proposals (>= 1).
         seed: seeds ``z``; the same seed gives the same proposals.
+        prior, temperature: how ``z`` is drawn (see :func:`sample_proposals`); ``None``: what the
+            model's card chose (:func:`~OAIMSSegment.proposals.prior.card_sampling`).
 
     Returns:
         ``k`` :class:`Proposal` in the input grid. The image and masks are resized to the
@@ -112,7 +128,8 @@ def propose_next_steps(
 
     Raises:
         InvalidImageError: not 2D, too small, non-finite, or masks of another shape.
-        ValueError: ``k < 1``.
+        ValueError: ``k < 1``, an unknown prior, or a temperature that is not positive and finite.
+        ModelError: the fitted prior for a model whose card holds none.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -129,7 +146,11 @@ def propose_next_steps(
         dim=1,
     )
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    logits, _, _ = sample_proposals(model.eval(), x, k, generator)
+    card_prior, card_temperature = card_sampling(model)
+    logits, _, _ = sample_proposals(
+        model.eval(), x, k, generator, card_prior if prior is None else prior,
+        card_temperature if temperature is None else temperature,
+    )  # fmt: skip
     # The raw logits on decided model-grid pixels are never trained (compose overrides them);
     # pin them to the input's decision so that resizing back does not leak them next to strokes.
     pinned = torch.cat([torch.ones_like(x[:, 2:3]), 2.0 * x[:, 2:3] - 1.0], dim=1) * 10.0

@@ -17,12 +17,21 @@ __all__ = ["evaluate"]
 
 
 def evaluate(
-    model: ProposalModel, images: ImageSet, n: int, k: int, seed: int, chunk: int = 100, growth: str = "random"
+    model: ProposalModel,
+    images: ImageSet,
+    n: int,
+    k: int,
+    seed: int,
+    chunk: int = 100,
+    growth: str = "random",
+    prior: str = "standard",
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """The paper's evaluation, plus stricter views of the same proposals.
 
     ``n`` inputs (image ``i % N``, a random ground truth, a random input partial
-    segmentation from :func:`make_pairs`), ``k`` proposals each with ``z ~ N(0, I)``. For a
+    segmentation from :func:`make_pairs`), ``k`` proposals each, ``z`` drawn from ``prior`` at
+    ``temperature`` (:func:`sample_proposals`; the inputs and the noise do not depend on them). For a
     proposal, the *added* pixels are ``m & ~x_m``; on them:
 
     * ``added_foreground`` / ``added_background``: counts (paper: 52 / 31), per proposal;
@@ -55,7 +64,7 @@ def evaluate(
         gt = images.sample_ground_truths(indices, rng)
         pairs = make_pairs(gt, rng, growth)
         x = stack_planes(images.images[indices], pairs["x_m"], pairs["x_s"])
-        _, m, s = sample_proposals(model, x, k, generator)
+        _, m, s = sample_proposals(model, x, k, generator, prior, temperature)
         m, s = m.numpy(), s.numpy()
         y = stack_planes(pairs["y_m"], pairs["y_s"])
         with torch.no_grad():
@@ -89,6 +98,8 @@ def evaluate(
         "n_inputs": n,
         "n_images": int(min(n, images.images.shape[0])),
         "k": k,
+        "prior": prior,
+        "temperature": temperature,
         "added_foreground": mean(totals["fg"]),
         "added_background": mean(totals["bg"]),
         "dice_any": mean(totals["any"]),

@@ -168,9 +168,20 @@ def _pad(curve: list[float], cap: int) -> list[float]:
 
 
 def proposal_loop(
-    model: ProposalModel | None, case: UserCase, k: int, brush: float, seed: int, threshold: float = 0.9, cap: int = 20
+    model: ProposalModel | None,
+    case: UserCase,
+    k: int,
+    brush: float,
+    seed: int,
+    threshold: float = 0.9,
+    cap: int = 20,
+    prior: str | None = None,
+    temperature: float | None = None,
 ) -> dict:
     """Segment ``case`` by picking among ``k`` proposals and brush clicks (see the module doc).
+
+    ``prior``, ``temperature``: how the proposals' ``z`` is drawn (:func:`propose_next_steps`;
+    ``None``: the model card's choice).
 
     ``model=None`` is the brush alone (no proposals): what the clicks of loop (a) achieve
     without anything to pick, to tell the proposals' share of a result from the brush's.
@@ -185,7 +196,9 @@ def proposal_loop(
     rounds = 0
     while len(curve) < cap and (not curve or curve[-1] < threshold):
         current = binary_dice(foreground, truth)
-        proposals = [] if model is None else propose_next_steps(model, case.image, decided, foreground, k=k, seed=seed * 1000 + rounds)
+        proposals = [] if model is None else propose_next_steps(
+            model, case.image, decided, foreground, k=k, seed=seed * 1000 + rounds, prior=prior, temperature=temperature
+        )
         rounds += 1
         scores = [binary_dice(p.seg_mask, truth) for p in proposals] or [-1.0]
         best = int(np.argmax(scores))
@@ -250,11 +263,14 @@ def compare(
     threshold: float = 0.9,
     cap: int = 20,
     loops: Sequence[str] = LOOPS,
+    prior: str | None = None,
+    temperature: float | None = None,
 ) -> dict:
     """The ``loops`` on ``cases`` for every seed (the seed moves ``z``, the first click and the order).
 
     ``loops``: any of ``"proposals"`` (loop a), ``"brush"`` (loop a without proposals) and
     ``"clicks"`` (loop b, OAIMS). ``wins`` compares proposals with clicks when both ran.
+    ``prior``, ``temperature``: see :func:`proposal_loop`.
 
     Returns the JSON-ready summary: per loop the mean actions to reach ``threshold`` per
     seed, their mean and standard deviation over seeds, the share of images that reach it,
@@ -271,7 +287,9 @@ def compare(
         ordered = [cases[i] for i in order]
         runs_by_loop = {}
         if "proposals" in loops:
-            runs_by_loop["proposals"] = [proposal_loop(proposal_model, case, k, brush, seed, threshold, cap) for case in ordered]
+            runs_by_loop["proposals"] = [
+                proposal_loop(proposal_model, case, k, brush, seed, threshold, cap, prior, temperature) for case in ordered
+            ]
         if "brush" in loops:
             runs_by_loop["brush"] = [proposal_loop(None, case, k, brush, seed, threshold, cap) for case in ordered]
         if "clicks" in loops:
