@@ -171,7 +171,9 @@ def plot_demo(summaries: dict[str, dict], panel: dict, path: Path) -> None:
     curves.set_title(f"{summaries['demo-source']['n_images']} source, {summaries['demo']['n_images']} target images, "
                      "one after the other", fontsize=9)
     curves.grid(alpha=0.3)
-    curves.legend(fontsize=6.5, loc="center right")  # between the source curves (top) and the target ones
+    lowest = min(min(summaries[part]["results"][method]["dice"]) for part, method in STYLES)
+    curves.set_ylim(max(0.0, 100 * lowest - 30), 101)  # room below the curves for the legend
+    curves.legend(fontsize=6.5, loc="lower right")
     rows, cols = zip(*(c.position for c in panel["clicks"]))
     colours = ["lime" if c.label else "magenta" for c in panel["clicks"]]
     views = [("target image, true outline", None),
