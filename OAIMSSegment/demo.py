@@ -31,7 +31,6 @@ import torch
 
 from OAIMSSegment.clicks import Click, correction_click, localization_click
 from OAIMSSegment.data import Sample, synthetic_samples
-from OAIMSSegment.errors import OAIMSError
 from OAIMSSegment.evaluate import MethodRun, Protocol, evaluate, print_table
 from OAIMSSegment.files import atomic_write_bytes, atomic_write_text
 from OAIMSSegment.metrics import class_dice, mean_foreground
@@ -46,17 +45,19 @@ SOURCE_SEED, TARGET_SEED, PANEL_SEED = 1000, 2000, 3000
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="frozen vs PI vs PI+MI on a synthetic site shift, with its no-shift control (under a minute)")
+    from OAIMSSegment import arguments as types
+
+    parser = subparsers.add_parser("demo", help="frozen vs PI vs PI+MI on a synthetic site shift, with its no-shift control (about a minute of CPU)")
     parser.add_argument("--out", default="oaims-demo", help="folder for demo.json, demo-corrected.json, demo-source.json and demo.png")
-    parser.add_argument("--images", type=int, default=48, help="images in the target site's sequence")
-    parser.add_argument("--source-images", type=int, default=24, help="images in the source site's sequence (the control)")
-    parser.add_argument("--clicks", type=int, default=5, help="clicks per image")
+    parser.add_argument("--images", type=types.positive_int, default=48, help="images in the target site's sequence")
+    parser.add_argument("--source-images", type=types.positive_int, default=24, help="images in the source site's sequence (the control)")
+    parser.add_argument("--clicks", type=types.positive_int, default=5, help="clicks per image")
     parser.add_argument("--quick", action="store_true", help="6 images per site, 3 clicks: a smoke run (CI)")
-    parser.add_argument("--lr", type=float, help="adaptation learning rate (default: the model card's adaptation_lr)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--lr", type=types.positive_float, help="adaptation learning rate (default: the model card's adaptation_lr)")
+    parser.add_argument("--threads", type=types.non_negative_int, default=1,
                         help="torch threads (0: torch default); the small images gain nothing from more, and a busy machine loses")
     parser.add_argument("--seed", type=int, default=0,
-                        help="offsets every sequence (the card's adaptation_lr was chosen with --seed 500 and 501)")
+                        help="offsets every sequence (the card's adaptation_lr was chosen with --seed 500)")
     parser.set_defaults(func=_run)
 
 
@@ -65,8 +66,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     images, source_images, clicks = (6, 6, 3) if args.quick else (args.images, args.source_images, args.clicks)
-    if min(images, source_images, clicks) < 1:
-        raise OAIMSError("--images, --source-images and --clicks must be at least 1")
     model = load_model(DEMO_MODEL)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -108,8 +108,8 @@ def run_method(
             curve.append(mean_foreground(scores, labels))
             for name, value in scores.items():
                 per_class.setdefault(name, []).append(value)
-        accepted = (session.accept(target if protocol.accept_truth else None) if site is None
-                    else site.accept(target if protocol.accept_truth else None).outcome)
+        corrected = target if protocol.accept_truth else None
+        accepted = session.accept(corrected) if site is None else site.accept(corrected).outcome
         if accepted.applied:
             run.accepted_updates += 1
             run.pi_ms.append(accepted.latency_ms)

@@ -345,7 +345,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ModelError(f"--average-last is a fraction of the steps in [0, 1], got {args.average_last}")
     name = args.name or Path(args.out).stem
     channels = args.channels
-    network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2, "norm": None if args.norm == "none" else args.norm}
+    network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2,
+               "norm": None if args.norm == "none" else args.norm}
     folders = [part for value in args.dataset for part in value.split(",") if part]
     if folders == ["synthetic"]:
         samples = synthetic_samples(args.synthetic_n, "source", seed=args.seed)
