@@ -30,12 +30,12 @@ from slicer.util import VTKObservationMixin
 from OAIMSSegment import dependencies, mrml
 from OAIMSSegment.dependencies import MissingDependenciesError
 from OAIMSSegment.errors import OAIMSError, SessionStateError
-from OAIMSSegment.module_state import EditorUndo, Job, Marker, PanelController, compute_job
+from OAIMSSegment.logic_site import ModelSiteLogic
+from OAIMSSegment.module_state import (CONTROLS, DEFAULT_SITE, INSTALL_ENTRY, SETTINGS, SHORTCUTS, EditorUndo, Job, Marker,
+                                       PanelController, compute_job, model_entries, segment_name, site_text)
 from OAIMSSegment.runner import JobRunner
+from OAIMSSegment.segment_propagation import PropagatedSlices, PropagationStep
 from OAIMSSegment.segment_session import SliceEdits
-
-#: Name of the site used until the user picks one.
-DEFAULT_SITE = "default"
 
 #: Shipped proposal model for "propose next steps".
 DEFAULT_PROPOSAL_MODEL = "proposals-synthetic-disks"
@@ -58,7 +58,8 @@ class OAIMSSegment(ScriptedLoadableModule):
             "slice view: the slice through each point is segmented by a click-guided U-Net, which adapts after every "
             "click (Mid-Interaction adaptation, MI) and when you accept the segment (Post-Interaction adaptation, PI). "
             "Adapted weights are saved per site, so the model keeps improving on your scanner and protocol. "
-            "See docs/SLICER.md in the extension's repository."
+            "See docs/SLICER.md in the extension's repository. Keys while the module is shown: "
+            + "; ".join(f"{key}: {what}" for key, _, what in SHORTCUTS) + "."
         )
         self.parent.acknowledgementText = (
             "Method: W. Xu, Z. Liang, H. Anthony, Y. Ibrahim, F. Cohen, G. Yang, K. Kamnitsas, 'You Point, I Learn: "
@@ -68,9 +69,10 @@ class OAIMSSegment(ScriptedLoadableModule):
         )
 
 
-class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
+class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
     """All behaviour of the module, usable without a GUI (docs/SLICER.md, "Scripting API"). Everything
-    about the site (versions, accept, rollback, export...) is the engine's SiteSession; this reads and writes MRML.
+    about the site (versions, accept, rollback, export...) is the engine's SiteSession; the model, device,
+    settings and site-model methods are :class:`~OAIMSSegment.logic_site.ModelSiteLogic`; this reads and writes MRML.
 
     Threading: each action is a :class:`Job`, so that a GUI can run :meth:`compute` on a worker. What is
     open (volume, segmentation, segments, the worked slices, clicks queued) is main-thread state updated
@@ -83,6 +85,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self.storeFolder = storeFolder or self.defaultStoreFolder()
         self.siteName = DEFAULT_SITE
         self.modelName: Optional[str] = None
+        self.device = "cpu"  # the torch device the model computes on (setDevice)
         self.mi = True
         self.pi = True
         #: AdaptConfig overrides (sigma, beta, lr, mi_click_label); unset ones keep the engine's defaults.
@@ -100,6 +103,12 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self._queued: dict = {}  # {(axis, index): clicks queued on it}
         self._open: Optional[tuple] = None  # (axis, index) of the open image
         self._pending = 0  # jobs prepared and not yet applied
+        self._propagated = PropagatedSlices()  # slices propagation filled, and its undo steps
+        self._volumeSlices: dict = {}  # {axis: (S, C, H, W) copy of the volume} for propagation
+        #: After each click, propagate its slice through the volume (:meth:`propagate`); off by default.
+        self.autoPropagate = False
+        #: How propagation seeds a slice and when it stops (``OAIMSSegment.volume.Propagation``; None: its defaults).
+        self.propagationRule = None
         self._work = None  # SegmentWork on the site (worker side)
         #: Called on the main thread just before a click writes its slice (the panel saves a Segment Editor undo state).
         self.beforeWrite: Callable[[], None] = lambda: None
@@ -150,22 +159,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         agrees. Never called at import time: the module loads without torch, and the first use asks."""
         dependencies.ensure_dependencies(self.missingDependencies(), confirm, self.installDependencies)
 
-    # -- model, site, settings ----------------------------------------------------------------
-    @staticmethod
-    def availableModels() -> list[dict]:
-        """Cards (JSON dicts: ``name``, ``task``, ``image_channels``, ``labels``...) of the shipped models; no torch needed."""
-        return dependencies.model_cards()
-
-    @property
-    def session(self):
-        """The engine's InteractiveSession (None before :meth:`setModel`); read it only while no job is pending."""
-        return self._site.session if self._site is not None else None
-
-    @property
-    def card(self):
-        """The current model's card (None before :meth:`setModel`)."""
-        return self._site.session.card if self._site is not None else None
-
+    # -- model (the rest: OAIMSSegment/logic_site.py) ---------------------------------------------
     def setModel(self, nameOrPath: str):
         """Load a shipped model by name (or a model card / weights path), open the site's version of it and
         return its card. An image still open is discarded. The adaptation learning rate goes back to
@@ -179,7 +173,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
         self._requireIdle()
         self.abandonSegment()
-        model = load_model(nameOrPath)
+        model = load_model(nameOrPath).to(self.device)
         self.adaptOverrides.pop("lr", None)
         self.modelName = str(nameOrPath)
         self._settingsChanged = True
@@ -188,115 +182,6 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         self._nextSteps = NextSteps(self.proposalModelName)
         self.activeClass = 1
         return model.card
-
-    def setSite(self, name: str) -> dict:
-        """Use the site ``name`` (created on first use) and load its current weights. Returns :meth:`siteModelInfo`."""
-        self.siteName = name
-        self._reopenSite(site=name)
-        return self.siteModelInfo()
-
-    def setStoreFolder(self, path: str) -> None:
-        """Keep site models in ``path`` (e.g. a shared department folder); reopens the site."""
-        self.storeFolder = str(path)
-        self._reopenSite(store_folder=self.storeFolder)
-
-    def _reopenSite(self, **where: str) -> None:
-        if self._site is not None:
-            self._requireIdle()
-            self.abandonSegment()
-            self._site.open(**where)
-
-    def sites(self) -> list[str]:
-        """Sites that already hold adapted models in the store folder."""
-        from OAIMSSegment.site_session import SiteSession
-
-        return SiteSession.sites(self.storeFolder)
-
-    def setAdaptation(self, mi: Optional[bool] = None, pi: Optional[bool] = None, sigma: Optional[float] = None,
-                      beta: Optional[float] = None, lr: Optional[float] = None, clickLabel: Optional[bool] = None) -> None:
-        """Switch MI / PI, set CCG sigma, beta, the learning rate and ``clickLabel`` (our MI extension, off by
-        default: docs/BENCHMARKS.md, 9.1). Takes effect now or when the segment in progress closes."""
-        if mi is not None:
-            self.mi = bool(mi)
-        if pi is not None:
-            self.pi = bool(pi)
-        for key, value in (("sigma", sigma), ("beta", beta), ("lr", lr)):
-            if value is not None:
-                self.adaptOverrides[key] = float(value)
-        if clickLabel is not None:
-            self.adaptOverrides["mi_click_label"] = bool(clickLabel)
-        self._settingsChanged = True
-        if self._site is not None and not self._worked and not self._pending:
-            self._site.session.reconfigure(*self._takeSettings())
-
-    def _takeSettings(self) -> Optional[tuple]:
-        """``(method, AdaptConfig)`` when the settings changed since they were last taken, else None."""
-        if not self._settingsChanged:
-            return None
-        from OAIMSSegment.session import AdaptConfig, method_name
-
-        self._settingsChanged = False
-        return method_name(self.mi, self.pi), AdaptConfig(**self.adaptOverrides)
-
-    def adaptationSettings(self) -> dict:
-        """The settings in force: ``mi``, ``pi``, ``sigma``, ``beta``, ``lr`` (the card's unless overridden), ``clickLabel``."""
-        config = self._requireSession().config
-        return {"mi": self.mi, "pi": self.pi, "sigma": config.sigma, "beta": config.beta, "lr": config.lr,
-                "clickLabel": config.mi_click_label}
-
-    def setActiveClass(self, nameOrIndex: Union[str, int]) -> int:
-        """The class a positive click adds (multi-class models, e.g. ``"cup"``); returns its index."""
-        labels = self._requireSession().card.labels
-        index = labels.get(nameOrIndex) if isinstance(nameOrIndex, str) else int(nameOrIndex)
-        if index is None or not 0 < index < len(labels):
-            raise OAIMSError(f"{nameOrIndex!r} is not a foreground class of this model ({', '.join(n for n in labels if labels[n])})")
-        self.activeClass = index
-        return index
-
-    def _requireSession(self):
-        if self._site is None:
-            raise SessionStateError("choose a model first (setModel)")
-        return self._site.session
-
-    def _requireIdle(self) -> None:
-        if self._pending:
-            raise SessionStateError(f"wait for the {self._pending} queued action(s) to finish")
-
-    # -- site model (OAIMSSegment/site_session.py) -------------------------------------------------
-    def siteModelInfo(self) -> dict:
-        """The site model: site, model, method, storeFolder, version, imagesAdapted, versions (kept), problem."""
-        if self._site is None:
-            return {"site": self.siteName, "model": None, "method": None, "storeFolder": self.storeFolder,
-                    "version": 0, "imagesAdapted": 0, "versions": [], "problem": ""}
-        info = self._site.info()
-        return {"site": info.site, "model": info.model, "method": info.method, "storeFolder": info.store_folder,
-                "version": info.version, "imagesAdapted": info.images, "versions": info.versions, "problem": info.problem}
-
-    def _siteAction(self, name: str, *args):
-        self._requireSession()
-        self._requireIdle()
-        if self._worked:
-            raise SessionStateError("accept or discard the current segment first")
-        return getattr(self._site, name)(*args)
-
-    def resetSiteModel(self) -> dict:
-        """Back to the pretrained model (stored versions are kept: roll back to undo). Returns the site info."""
-        self._siteAction("reset")
-        return self.siteModelInfo()
-
-    def rollbackSiteModel(self, version: int) -> dict:
-        """Make an earlier ``version`` current (0 = pretrained) and use its weights. Returns the site info."""
-        self._siteAction("rollback", int(version))
-        return self.siteModelInfo()
-
-    def exportSiteModel(self, path: str) -> str:
-        """Write the site's current weights and history to one file (to share with another site)."""
-        return str(self._siteAction("export", path))
-
-    def importSiteModel(self, path: str) -> dict:
-        """Import a file written by :meth:`exportSiteModel` as this site's new current version."""
-        self._siteAction("import_archive", path)
-        return self.siteModelInfo()
 
     # -- segments -----------------------------------------------------------------------------
     def startSegment(self, volumeNode, segmentationNode, segmentId: Optional[str] = None) -> dict[int, str]:
@@ -310,6 +195,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         mrml.prepare_segmentation(segmentationNode, volumeNode)
         classSegments = mrml.class_segments(segmentationNode, session.card.labels, segmentId)
         self.volumeNode, self.segmentationNode, self._classSegments = volumeNode, segmentationNode, classSegments
+        self._volumeSlices = {}
         return dict(classSegments)
 
     def abandonSegment(self) -> None:
@@ -318,6 +204,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         if self._worked and self._site is not None:
             self.discard(revertSlices=False)
         self._worked, self._queued, self._open = {}, {}, None
+        self._propagated.clear()
 
     def forgetNodes(self) -> None:
         """:meth:`abandonSegment` and forget the volume and segmentation (the scene closes, a node is deleted)."""
@@ -347,28 +234,62 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         if key != self._open:
             if key not in self._worked:
                 read = mrml.SegmentedSlice.read(self.volumeNode, self.segmentationNode, self._classSegments, location)
-                self._worked[key], self._queued[key] = (read, SliceEdits(location.shape)), 0
+                edits, taken = SliceEdits(location.shape), self._propagated.take(key)
+                if taken is not None:  # a correction on a propagated slice: its mask is the model's, its seeds join
+                    edits.written, job.seeds = taken.mask, taken.seeds
+                self._worked[key], self._queued[key] = (read, edits), 0
             job.newImage, job.settings = True, None if self.workedSlices else self._takeSettings()
-            self._open = key
+            self._open, self._propagated.steps = key, []
         job.slice, job.edits = self._worked[key]
         self._queued[key] += 1
         return self._queue(job)
 
     def prepareUndo(self, restoreSlice: bool = True) -> Job:
-        """Main thread: queue removing the open slice's last click (and its MI update). ``restoreSlice``
-        False leaves the slice to the caller (the panel restores it with the Segment Editor's undo)."""
-        if not self._queued.get(self._open):
+        """Main thread: queue undoing the last interaction on the open slice: a propagation made after
+        its last click, else that click with its MI update (and the propagation that followed it).
+        ``restoreSlice`` False leaves the slices to the caller (the panel: the Segment Editor's undo)."""
+        clicks = self._queued.get(self._open, 0)
+        step = self._propagated.pop(clicks, joined=False)
+        if step is not None:
+            return self._queue(Job("undo", None, restoreSlice=restoreSlice, step=step))
+        if not clicks:
             raise SessionStateError("there is no click to undo")
         self._queued[self._open] -= 1
         slice_, edits = self._worked[self._open]
-        return self._queue(Job("undo", slice_, edits=edits, restoreSlice=restoreSlice))
+        return self._queue(Job("undo", slice_, edits=edits, restoreSlice=restoreSlice, step=self._propagated.pop(clicks, True)))
+
+    def preparePropagate(self, afterClick: bool = False) -> Job:
+        """Main thread: queue propagating what the open slice holds now (edits included) up and down the
+        volume along its axis, until the structure ends or a slice worked on (``afterClick``: one undo
+        step with the click just made). Needs no job pending (it reads the segment)."""
+        self._requireSession()
+        self._requireIdle()
+        if self._open is None:
+            raise SessionStateError("nothing to propagate: click in a slice first")
+        (axis, origin), slice_ = self._open, self._worked[self._open][0]
+        if axis not in self._volumeSlices:
+            self._volumeSlices[axis] = mrml.volume_slices(self.volumeNode, axis)
+        step = PropagationStep(axis, self._queued[self._open], afterClick)
+        self._propagated.steps.append(step)
+        blocked = {index for a, index in self._worked if a == axis and index != origin}
+        return self._queue(Job("propagate", slice_, step=step, inputs={
+            "slices": self._volumeSlices[axis], "spacing": slice_.spacing, "origin": origin,
+            "origin_mask": slice_.read_classes(), "blocked": blocked, "rule": self.propagationRule}))
 
     def prepareAccept(self) -> Job:
-        """Main thread: queue accepting the segment: PI once per worked slice on what it holds now, one site version."""
+        """Main thread: queue accepting the segment: PI once per worked slice on what it holds now (and on each
+        propagated slice the clinician edited since, with its seeds as its clicks), one site version."""
         if not self.workedSlices:
             raise SessionStateError("nothing to accept: click in a slice first")
         finals = {key: self._worked[key][0].read_classes() for key in self.workedSlices}
-        return self._close(Job("accept", None, finals=finals, settings=self._takeSettings()))
+        edited = {}
+        for key, propagated in self._propagated.slices.items():
+            held = self._sliceAccess(key[0])[0](key[1])
+            if not np.array_equal(held, propagated.mask):
+                location = mrml.slice_location(self.volumeNode, *key)
+                finals[key], edited[key] = held, (mrml.extract_slice(self.volumeNode, location),
+                                                  mrml.in_plane_spacing(self.volumeNode, key[0]), propagated.seeds)
+        return self._close(Job("accept", None, finals=finals, settings=self._takeSettings(), inputs={"edited": edited}))
 
     def prepareDiscard(self, revertSlices: bool = False) -> Job:
         """Main thread: queue dropping the segment's model updates (``revertSlices``: and its slices' content)."""
@@ -377,6 +298,7 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _close(self, job: Job) -> Job:
         self._worked, self._queued, self._open = {}, {}, None
+        self._propagated.clear()
         return self._queue(job)
 
     def _queue(self, job: Job) -> Job:
@@ -396,10 +318,11 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         met (then, once no job is pending, the open slice's click count is read back from the session)."""
         self._pending -= 1
         if job.error is not None:
+            if job.step is not None and job.step in self._propagated.steps:  # a propagation that did not happen
+                self._propagated.steps.remove(job.step)
             if not self._pending and self._open is not None:
-                session = self._site.session
-                self._queued[self._open] = len(session.clicks) if session.active else 0
-                if not session.active:
+                self._queued[self._open] = self._work.openClicks
+                if not self._site.session.active:
                     self._open = None
             raise job.error
         self._removeProposalSegments()
@@ -407,13 +330,28 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
             merged = job.edits.merge(job.mask, job.slice.read_classes(), job.location.position)
             self.beforeWrite()
             job.slice.write(merged)
+        elif job.kind == "propagate":
+            if not job.step.joined:
+                self.beforeWrite()
+            job.report["slices"] = self._propagated.apply(job.step, job.report["origin"], job.propagated, job.ends,
+                                                          *self._sliceAccess(job.step.axis))
         elif job.kind == "undo":
-            content = job.edits.undo()
-            if job.restoreSlice:
-                job.slice.write(content)
+            if job.slice is not None:
+                content = job.edits.undo()
+                if job.restoreSlice:
+                    job.slice.write(content)
+            if job.step is not None:
+                job.report["slices"] = self._propagated.undo(job.step, self._sliceAccess(job.step.axis)[1] if job.restoreSlice else None)
         for slice_ in job.slices:
             slice_.restore()
         return job.report
+
+    def _sliceAccess(self, axis: int) -> tuple:
+        """``(read(index), write(index, class map))`` of the class segments on slices normal to ``axis``."""
+        volume, segmentation, segments = self.volumeNode, self.segmentationNode, dict(self._classSegments)
+        at = lambda index: mrml.slice_location(volume, axis, index)  # noqa: E731
+        return (lambda index: mrml.read_slice_classes(segmentation, volume, at(index), segments),
+                lambda index, mask: mrml.write_slice_mask(segmentation, volume, at(index), mask, segments))
 
     def addClick(self, rasPoint, positive: bool = True, sliceOrientation: Union[str, Any] = "Axial",
                  label: Optional[int] = None) -> dict:
@@ -421,11 +359,23 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
         ``"Sagittal"`` or the view's slice node): ``positive`` adds the active class, else background
         (``label`` sets the class). Manual edits stay, except within ``EDIT_OVERRIDE_RADIUS_PX`` of the click;
         another slice keeps the previous one as it is. Returns latencyMs, adaptMs, loss, label, ijk, pixel,
-        sliceAxis, sliceIndex, newImage, clicks (on this slice) and foregroundPixels (of the prediction)."""
-        return self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
+        sliceAxis, sliceIndex, newImage, clicks (on this slice) and foregroundPixels (of the prediction); with
+        :attr:`autoPropagate`, also propagatedSlices (:meth:`propagate`'s ``slices``)."""
+        report = self.apply(self.compute(self.prepareClick(rasPoint, positive, sliceOrientation, label)))
+        if self.autoPropagate:
+            report["propagatedSlices"] = self.apply(self.compute(self.preparePropagate(afterClick=True)))["slices"]
+        return report
+
+    def propagate(self) -> dict:
+        """Fill the structure through the volume from the open slice, along its axis (one forward pass
+        per slice, seeded from its neighbour; no adaptation), stopping where it ends or at a slice worked
+        on. Undoable (:meth:`undoClick`). Returns ``slices`` (indices whose content changed), ``sliceAxis``,
+        ``origin`` and ``latencyMs``."""
+        return self.apply(self.compute(self.preparePropagate()))
 
     def undoClick(self, restoreSlice: bool = True) -> dict:
-        """Undo the open slice's last click and its MI update (the slice gets back what it held). -> ``{"clicks": n}``."""
+        """Undo the last interaction on the open slice (:meth:`prepareUndo`); the slices get back exactly what
+        they held. -> ``{"clicks": n}`` (and ``slices`` a propagation restored)."""
         return self.apply(self.compute(self.prepareUndo(restoreSlice)))
 
     def accept(self) -> dict:
@@ -446,23 +396,41 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
             self._nextSteps.use(self.proposalModelName)
 
     def proposeNextSteps(self, k: int = 3, seed: Optional[int] = None) -> list[str]:
-        """Show ``k`` proposed larger segments of the active class on the current slice, as temporary
-        segments. Returns their segment IDs; :meth:`pickProposal` makes one the current mask."""
+        """Make ``k`` proposed larger segments of the active class on the current slice, as temporary segments,
+        the first one shown. Returns their segment IDs; :meth:`stepProposal` shows another one and
+        :meth:`pickProposal` makes one the current mask."""
         session = self._requireSession()
         self._requireIdle()
         model = self._work.openImage  # (image, InPlaneGrid): proposals are made on the model's grid
         proposals = self._nextSteps.propose(session, model and model[0], self.activeClass, k, seed)
-        self._removeProposalSegments()
+        mrml.remove_segments_named(self.segmentationNode, PROPOSAL_SEGMENT_PREFIX)
         segmentIds = []
         for number, proposal in enumerate(proposals, start=1):
             segmentIds.append(mrml.ensure_segment(self.segmentationNode, f"{PROPOSAL_SEGMENT_PREFIX} {number}"))
             self._worked[self._open][0].write(model[1].mask_from_model(proposal).astype(np.uint8), {1: segmentIds[-1]})
+        mrml.show_only_segment(self.segmentationNode, segmentIds, 0)
         return segmentIds
 
-    def pickProposal(self, index: int) -> dict:
-        """Make proposal ``index`` (0-based) the current mask of the active class; Accept then adapts to it."""
+    def stepProposal(self, delta: int = 1) -> int:
+        """Show the next (``delta`` 1) or previous (-1) proposal alone, wrapping around; returns its index (0-based)."""
+        self._requireSession()
+        shown = self._nextSteps.step(delta)
+        mrml.show_only_segment(self.segmentationNode, self.proposalSegments, shown)
+        return shown
+
+    @property
+    def proposalSegments(self) -> list[str]:
+        """IDs of the proposal segments shown now, in order (empty when there are none)."""
+        segmentation = self.segmentationNode.GetSegmentation() if self.segmentationNode is not None else None
+        return [segmentation.GetSegmentIdBySegmentName(f"{PROPOSAL_SEGMENT_PREFIX} {n}") for n in range(1, self._nextSteps.count + 1)] \
+            if segmentation is not None and self._nextSteps is not None else []
+
+    def pickProposal(self, index: Optional[int] = None) -> dict:
+        """Make proposal ``index`` (0-based; None: the one shown) the current mask of the active class;
+        Accept then adapts to it."""
         session = self._requireSession()
         self._requireIdle()
+        index = self._nextSteps.shown if index is None else index
         mask = self._work.openImage[1].mask_from_model(self._nextSteps.pick(session, index, self.activeClass))
         self._removeProposalSegments()
         self._worked[self._open][0].write(mask)
@@ -471,10 +439,12 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic):
     def _removeProposalSegments(self) -> None:
         if self.segmentationNode is not None:
             mrml.remove_segments_named(self.segmentationNode, PROPOSAL_SEGMENT_PREFIX)
+        if self._nextSteps is not None:
+            self._nextSteps.clear()
 
 
 class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt glue only: the panel's behaviour is :class:`OAIMSSegment.module_state.PanelController`."""
+    """Qt glue only: behaviour is :class:`~OAIMSSegment.module_state.PanelController` and the tables beside it."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -491,9 +461,9 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         settings = qt.QSettings()
-        self.logic = OAIMSSegmentLogic(storeFolder=settings.value("OAIMSSegment/StoreFolder") or None)
-        # Segment Editor beside the tool (paint, erase, smoothing), on the singleton node so that
-        # selections carry over to the Segment Editor module; its undo is ours (Ctrl+Z, Undo).
+        self.logic = OAIMSSegmentLogic(storeFolder=settings.value(SETTINGS["store"]) or None)
+        # The Segment Editor beside the tool, on the singleton node (selections carry over to the Segment Editor
+        # module); its undo states are ours (Ctrl+Z), its own shortcuts are never installed.
         self.editor = slicer.qMRMLSegmentEditorWidget()
         self.editor.setMaximumNumberOfUndoStates(10)
         self.editor.setMRMLSegmentEditorNode(mrml.segment_editor_node(slicer.mrmlScene))
@@ -505,42 +475,53 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.inputsCollapsibleButton.layout().addRow(newSegmentation)
         ui.inputsCollapsibleButton.layout().addRow(self.editor)
         pump = lambda: slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)  # noqa: E731
-        self.controller = PanelController(self.logic, JobRunner(pump), EditorUndo(self.editor, lambda: mrml.segment_stamp(
-            self.logic.segmentationNode, self.logic.segmentId)), self._status)
+        stamp = lambda: mrml.segment_stamp(self.logic.segmentationNode, self.logic.segmentId)  # noqa: E731
+        self.controller = PanelController(self.logic, JobRunner(pump), EditorUndo(self.editor, stamp), self._status, settings)
         ui.siteComboBox.editable, ui.siteComboBox.insertPolicy = True, qt.QComboBox.NoInsert
         ui.storeFolderPathLineEdit.currentPath = self.logic.storeFolder
         ui.advancedCollapsibleButton.collapsed, ui.busyProgressBar.visible = True, False
+        control = self.controller
+        k = lambda: int(ui.proposalCountSpinBox.value)  # noqa: E731
+        self.actions = {
+            "foreground": lambda: self._place(True), "background": lambda: self._place(False),
+            "undo": lambda: self._do(control.undo), "propagate": lambda: self._do(control.propagate),
+            "accept": self.onAccept, "discard": self.onDiscard,
+            "nextProposal": lambda: self._do(lambda: control.stepProposal(1, k())),
+            "previousProposal": lambda: self._do(lambda: control.stepProposal(-1, k())),
+            "pickProposal": lambda: self._do(control.pickProposal)}
+        # The path edit's own currentPathChanged fires per keystroke; its line edit's editingFinished and, after
+        # browse() (connected first by CTK, so it has run), its browse button commit (ctkPathLineEdit.cpp).
         storeEdit = slicer.util.findChildren(ui.storeFolderPathLineEdit, className="QLineEdit")[0]
+        browse = slicer.util.findChildren(ui.storeFolderPathLineEdit, className="QToolButton")[0]
         for widget, signal, slot in (
             (ui.modelComboBox, "currentIndexChanged(int)", self.onModelChanged),
             (ui.siteComboBox, "activated(int)", lambda index: self._commitSite()),
             (ui.siteComboBox.lineEdit(), "editingFinished()", self._commitSite),
-            (storeEdit, "editingFinished()", self._commitStore),
+            (storeEdit, "editingFinished()", self._commitStore), (browse, "clicked()", self._commitStore),
             (newSegmentation, "clicked(bool)", self.onNewSegmentation),
             (ui.classComboBox, "currentIndexChanged(int)", self.onClassChanged),
             *((box, "toggled(bool)", self.onAdaptationChanged) for box in (ui.miCheckBox, ui.piCheckBox, ui.clickLabelCheckBox)),
             *((box, "valueChanged(double)", self.onAdaptationChanged) for box in (ui.sigmaSpinBox, ui.betaSpinBox, ui.lrSpinBox)),
-            (ui.undoButton, "clicked(bool)", lambda: self._do(self.controller.undo)),
-            (ui.acceptButton, "clicked(bool)", self.onAccept),
-            (ui.discardButton, "clicked(bool)", self.onDiscard),
+            (ui.autoPropagateCheckBox, "toggled(bool)", lambda on: setattr(self.logic, "autoPropagate", bool(on))),
+            *((getattr(ui, f"{name}Button"), "clicked(bool)", lambda _=None, name=name: self.actions[name]())
+              for name in ("undo", "propagate", "accept", "discard")),
+            (ui.proposeButton, "clicked(bool)", lambda: self._runNow(self.logic.proposeNextSteps, k())),
+            (ui.pickProposalButton, "clicked(bool)", lambda: self._do(lambda: control.pickProposal(int(ui.proposalIndexSpinBox.value) - 1))),
             (ui.resetSiteButton, "clicked(bool)", self.onResetSite),
             (ui.rollbackButton, "clicked(bool)", lambda: self._runNow(self.logic.rollbackSiteModel, int(ui.rollbackSpinBox.value))),
-            (ui.exportButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getSaveFileName, "Export", self.logic.exportSiteModel)),
-            (ui.importButton, "clicked(bool)", lambda: self._archiveAction(qt.QFileDialog.getOpenFileName, "Import", self.logic.importSiteModel)),
-            (ui.proposeButton, "clicked(bool)", self.onPropose),
-            (ui.pickProposalButton, "clicked(bool)", lambda: self._runNow(self.logic.pickProposal, int(ui.proposalIndexSpinBox.value) - 1)),
+            (ui.exportButton, "clicked(bool)", lambda: self._archive(qt.QFileDialog.getSaveFileName, "Export", self.logic.exportSiteModel)),
+            (ui.importButton, "clicked(bool)", lambda: self._archive(qt.QFileDialog.getOpenFileName, "Import", self.logic.importSiteModel)),
         ):
             widget.connect(signal, slot)
-        for key, action in (("f", lambda: self._place(True)), ("b", lambda: self._place(False)), ("Ctrl+Z", ui.undoButton.click),
-                            ("Ctrl+Return", self.onAccept), ("Ctrl+Backspace", self.onDiscard)):
+        for key, name, _ in SHORTCUTS:
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
             shortcut.enabled = False  # live only while the module is entered
-            shortcut.connect("activated()", action)
+            shortcut.connect("activated()", self.actions[name])
             self._shortcuts.append(shortcut)
         self.addObserver(mrml.segment_editor_node(slicer.mrmlScene), vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
         self._stopObserving = mrml.observe_scene(slicer.mrmlScene, self._onSceneClose, self.controller.nodeRemoved)
         self._listModels()
-        self._listSites(settings.value("OAIMSSegment/Site") or DEFAULT_SITE)
+        self._listSites(settings.value(SETTINGS["site"]) or DEFAULT_SITE)
         self._commitSite()
 
     def cleanup(self) -> None:
@@ -553,18 +534,19 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         for positive in (True, False):
             self._pointList(positive)
-        for shortcut in self._shortcuts:
-            shortcut.enabled = True
-        if self.editor.sourceVolumeNode() is None:
-            composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
-            self.editor.setSourceVolumeNodeID(composite.GetBackgroundVolumeID())
+        self._enableShortcuts(True)
+        if self.editor.sourceVolumeNode() is None:  # start at the volume shown, not at None
+            self.editor.setSourceVolumeNode(mrml.shown_volume(slicer.mrmlScene))
         self._refresh()
 
     def exit(self) -> None:
         for widget in (self.ui.foregroundPlaceWidget, self.ui.backgroundPlaceWidget):
             widget.setPlaceModeEnabled(False)
+        self._enableShortcuts(False)
+
+    def _enableShortcuts(self, enabled: bool) -> None:
         for shortcut in self._shortcuts:
-            shortcut.enabled = False
+            shortcut.enabled = enabled
 
     def _onSceneClose(self) -> None:
         self.exit()
@@ -603,16 +585,14 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self.editor.sourceVolumeNode()
         if volume is None:
             return self._status("Choose the volume to segment first (Source volume).")
-        name = next((n for n, i in sorted(self.logic.card.labels.items(), key=lambda kv: kv[1]) if i), "Segment") if self.logic.card else "Segment"
-        segmentation, segmentId = mrml.new_segmentation(slicer.mrmlScene, volume, name)
+        segmentation, segmentId = mrml.new_segmentation(slicer.mrmlScene, volume, segment_name(self.logic.card))
         self.editor.setSegmentationNode(segmentation)
         self.editor.setCurrentSegmentID(segmentId)
 
     def onAccept(self) -> None:
         self._do(self.controller.accept)
-        last = self.controller.last
-        if last.get("slices") and not last["saved"] and any(row["applied"] for row in last["slices"]):
-            slicer.util.warningDisplay(last["message"], windowTitle="OAIMS Segment")
+        if self.controller.acceptWarning():
+            slicer.util.warningDisplay(self.controller.acceptWarning(), windowTitle="OAIMS Segment")
 
     def onDiscard(self) -> None:
         if self.logic.workedSlices:
@@ -624,18 +604,12 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refresh()
 
     def _refresh(self) -> None:
-        enabled = self.controller.enabled()
-        ui = self.ui
-        for key, widgets in (("place", (ui.foregroundPlaceWidget, ui.backgroundPlaceWidget)), ("undo", (ui.undoButton,)),
-                             ("accept", (ui.acceptButton, ui.proposeButton, ui.pickProposalButton)), ("discard", (ui.discardButton,)),
-                             ("site", (ui.siteCollapsibleButton,)), ("model", (ui.modelComboBox, ui.classComboBox))):
-            for widget in widgets:
-                widget.enabled = enabled[key]
+        for key, enabled in self.controller.enabled().items():
+            for name in CONTROLS.get(key, ()):
+                getattr(self.ui, name).enabled = enabled
         info = self.logic.siteModelInfo()
-        images = "unknown" if info["imagesAdapted"] is None else info["imagesAdapted"]
-        text = f"Site '{info['site']}': version {info['version']}, images adapted: {images}"
-        ui.siteInfoLabel.text = text + (f"\nNot saving: {info['problem']}" if info["problem"] else "")
-        ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
+        self.ui.siteInfoLabel.text = site_text(info)
+        self.ui.rollbackSpinBox.maximum = max(info["versions"] or [0])
 
     def _status(self, text: str) -> None:
         self.ui.statusLabel.text = text
@@ -645,33 +619,27 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.siteComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for name in sorted(set(self.logic.sites()) | {DEFAULT_SITE, current}):
+        for name in self.controller.siteChoices(current):
             combo.addItem(name)
         combo.setCurrentText(current)
         combo.blockSignals(wasBlocked)
 
     def _commitSite(self) -> None:
-        if self.controller.site.commit(self.ui.siteComboBox.currentText):
-            qt.QSettings().setValue("OAIMSSegment/Site", self.controller.site.value)
-        self._refresh()
+        self._do(lambda: self.controller.commitSite(self.ui.siteComboBox.currentText))
 
     def _commitStore(self) -> None:
-        if self.controller.store.commit(self.ui.storeFolderPathLineEdit.currentPath):
-            qt.QSettings().setValue("OAIMSSegment/StoreFolder", self.controller.store.value)
+        if self.controller.commitStore(self.ui.storeFolderPathLineEdit.currentPath):
             self._listSites(self.controller.site.value)
         self._refresh()
 
     def _listModels(self) -> None:
         self.ui.modelComboBox.clear()
-        self.ui.modelComboBox.addItem("(select a model)", "")
-        if self.logic.missingDependencies():
-            self.ui.modelComboBox.addItem("Install dependencies and list models...", "__install__")
-        for card in self.logic.availableModels():
-            self.ui.modelComboBox.addItem(f"{card['name']}: {card['task']}", card["name"])
+        for text, data in model_entries(self.logic.availableModels(), self.logic.missingDependencies()):
+            self.ui.modelComboBox.addItem(text, data)
 
     def onModelChanged(self, index: int) -> None:
-        name = self.ui.modelComboBox.itemData(index)
-        if name == "__install__":
+        name, ui = self.ui.modelComboBox.itemData(index), self.ui
+        if name == INSTALL_ENTRY:
             missing = self.logic.missingDependencies()
             if missing and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(missing)}? This needs a network connection."):
                 if self._runNow(lambda: setattr(self, "_install", self.logic.installInBackground())):
@@ -683,26 +651,20 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.logic.forgetNodes()  # the new model's classes: the segment restarts at the next selection
         self.onEditorNodeModified()
-        self.ui.classComboBox.clear()
+        ui.classComboBox.clear()
         for className, classIndex in sorted(self.logic.card.labels.items(), key=lambda item: item[1]):
             if classIndex:
-                self.ui.classComboBox.addItem(className, classIndex)
+                ui.classComboBox.addItem(className, classIndex)
         settings = self.logic.adaptationSettings()
-        for widget, key, value in ((self.ui.sigmaSpinBox, "sigma", "value"), (self.ui.betaSpinBox, "beta", "value"),
-                                   (self.ui.lrSpinBox, "lr", "value"), (self.ui.clickLabelCheckBox, "clickLabel", "checked")):
+        for widget, key, value in ((ui.sigmaSpinBox, "sigma", "value"), (ui.betaSpinBox, "beta", "value"),
+                                   (ui.lrSpinBox, "lr", "value"), (ui.clickLabelCheckBox, "clickLabel", "checked")):
             wasBlocked = widget.blockSignals(True)
             setattr(widget, value, settings[key])
             widget.blockSignals(wasBlocked)
 
     def _pollInstall(self) -> None:
-        lines, code = self._install.poll()
-        if lines:
-            self._status(lines[-1])
-        if code is not None:
+        if self.controller.pollInstall(self._install, slicer.util.confirmOkCancelDisplay, slicer.util.restart):
             self._installTimer.stop()
-            if code == 0 and slicer.util.confirmOkCancelDisplay("Packages installed. Restart Slicer now to use them?"):
-                slicer.util.restart()
-            self._status("Installed." if code == 0 else f"Installation failed (pip exit code {code}); see the Python console.")
 
     def onClassChanged(self, index: int) -> None:
         if index >= 0 and self.logic.card is not None:
@@ -712,11 +674,6 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui = self.ui
         self.logic.setAdaptation(mi=ui.miCheckBox.checked, pi=ui.piCheckBox.checked, sigma=ui.sigmaSpinBox.value,
                                  beta=ui.betaSpinBox.value, lr=ui.lrSpinBox.value, clickLabel=ui.clickLabelCheckBox.checked)
-
-    def onPropose(self) -> None:
-        count = int(self.ui.proposalCountSpinBox.value)
-        if self._runNow(self.logic.proposeNextSteps, count):
-            self.ui.proposalIndexSpinBox.maximum = count
 
     def _runNow(self, action: Callable, *args: Any) -> bool:
         """Run a Logic action now, on the main thread; show its error; refresh the site line. True if it succeeded."""
@@ -734,7 +691,7 @@ class OAIMSSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if slicer.util.confirmOkCancelDisplay("Reset this site to the pretrained model? Saved versions are kept."):
             self._runNow(self.logic.resetSiteModel)
 
-    def _archiveAction(self, askPath: Callable, verb: str, action: Callable[[str], Any]) -> None:
+    def _archive(self, askPath: Callable, verb: str, action: Callable[[str], Any]) -> None:
         path = askPath(None, f"{verb} site model", "", "OAIMS site model (*.oaims.zip)")
         if path:
             self._runNow(action, path)

@@ -9,16 +9,26 @@ move image and label together (bilinear image, nearest label).
 
 Every call takes its randomness from the caller's ``numpy.random.Generator``, so a seeded
 (and resumed) run draws the same augmentations.
+
+``"fundus"`` is the recipe for RGB photographs: the per-image, per-channel normalisation
+(``robust_percentile``) already removes what a camera's exposure and white balance do (a gain
+and an offset per channel), so the recipe draws what it cannot remove: a tone curve per channel,
+saturation and hue (mixing of the channels), uneven illumination and vignetting (a smooth
+multiplicative field), defocus blur, sensor noise, JPEG compression, and another field of view
+(scale, zoom, rotation).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    MapTransform,
+    RandomizableTransform,
     RandAdjustContrastd,
     RandAffined,
     RandBiasFieldd,
@@ -29,6 +39,7 @@ from monai.transforms import (
     RandZoomd,
 )
 
+from OAIMSSegment.colour import jpeg
 from OAIMSSegment.errors import InvalidImageError, ModelError
 from OAIMSSegment.model import normalize
 
@@ -46,13 +57,103 @@ def _scanner_intensities() -> Compose:
     ])
 
 
-def _geometry() -> Compose:
-    """Rotation, scaling (the structure at several resolutions) and a zoom-in crop; keys image + label."""
+def _geometry(rotate: float = np.pi / 12, scale: float = 0.15, max_zoom: float = 1.4, zoom_prob: float = 0.2) -> Compose:
+    """Rotation up to ``rotate`` radians, scaling by 1 +- ``scale`` (the structure at several
+    resolutions) and a zoom-in crop up to ``max_zoom``; keys image + label."""
     return Compose([
-        RandAffined(keys=("image", "label"), prob=0.5, rotate_range=(np.pi / 12,), scale_range=(0.15, 0.15),
+        RandAffined(keys=("image", "label"), prob=0.5, rotate_range=(rotate,), scale_range=(scale, scale),
                     mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandZoomd(keys=("image", "label"), prob=0.2, min_zoom=1.0, max_zoom=1.4, mode=("bilinear", "nearest"),
+        RandZoomd(keys=("image", "label"), prob=zoom_prob, min_zoom=1.0, max_zoom=max_zoom, mode=("bilinear", "nearest"),
                   keep_size=True),
+    ])
+
+
+def colour_matrix(saturation: float, hue: float) -> np.ndarray:
+    """The 3x3 RGB mixing matrix of a hue rotation by ``hue`` radians about the grey axis, then a
+    saturation change by the factor ``saturation`` (0: grey, 1: unchanged). Grey stays grey."""
+    grey = np.full((3, 3), 1.0 / 3.0)
+    axis = np.ones(3) / math.sqrt(3.0)
+    cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    rotation = np.eye(3) + math.sin(hue) * cross + (1.0 - math.cos(hue)) * cross @ cross  # Rodrigues
+    return (saturation * np.eye(3) + (1.0 - saturation) * grey) @ rotation
+
+
+class RandCameraColourd(RandomizableTransform, MapTransform):
+    """Another camera's colour response on RGB images ``(3, H, W)`` in [0, 1]: a gamma curve per
+    channel, then a hue rotation and a saturation change (:func:`colour_matrix`); clipped to [0, 1].
+
+    Args:
+        keys: the image keys.
+        prob: probability of changing an image.
+        gamma: range of each channel's gamma exponent.
+        saturation: range of the saturation factor.
+        hue: largest hue rotation, radians.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, prob: float = 0.8, gamma: tuple[float, float] = (0.7, 1.4),
+                 saturation: tuple[float, float] = (0.5, 1.5), hue: float = 0.3) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.gamma, self.saturation, self.hue = gamma, saturation, hue
+        self._gammas = np.ones(3)
+        self._matrix = np.eye(3)
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._gammas = self.R.uniform(*self.gamma, size=3)
+            self._matrix = colour_matrix(self.R.uniform(*self.saturation), self.R.uniform(-self.hue, self.hue))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return out
+        gammas = torch.as_tensor(self._gammas, dtype=torch.float32)[:, None, None]
+        matrix = torch.as_tensor(self._matrix, dtype=torch.float32)
+        for key in self.key_iterator(out):
+            image = torch.as_tensor(out[key]).float()
+            if image.shape[0] != 3:
+                raise InvalidImageError(f"colour augmentation needs RGB images (3, H, W), got shape {tuple(image.shape)}")
+            curved = image.clamp(0.0, 1.0) ** gammas
+            out[key] = torch.einsum("ij,jhw->ihw", matrix, curved).clamp(0.0, 1.0)
+        return out
+
+
+class RandJpegd(RandomizableTransform, MapTransform):
+    """JPEG compression (8-bit, in memory) of images ``(3, H, W)`` in [0, 1] at a random quality."""
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, prob: float = 0.3, quality: tuple[int, int] = (20, 90)) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.quality = quality
+        self._quality = quality[1]
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._quality = int(self.R.randint(self.quality[0], self.quality[1] + 1))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return out
+        for key in self.key_iterator(out):
+            image = torch.as_tensor(out[key]).float().numpy()
+            out[key] = torch.from_numpy(jpeg(255.0 * image, self._quality) / 255.0)
+        return out
+
+
+def _camera_colours() -> Compose:
+    """What another fundus camera, its illumination and its file format do to an RGB photograph
+    in [0, 1]: colour response, uneven illumination / vignetting, defocus, noise, JPEG."""
+    return Compose([
+        RandCameraColourd(keys="image", prob=0.8, gamma=(0.6, 1.6), saturation=(0.5, 1.5), hue=0.3),
+        RandBiasFieldd(keys="image", prob=0.5, coeff_range=(0.0, 0.5), degree=3),
+        RandGaussianSmoothd(keys="image", prob=0.3, sigma_x=(0.5, 2.5), sigma_y=(0.5, 2.5)),
+        RandGaussianNoised(keys="image", prob=0.3, mean=0.0, std=0.03),
+        RandJpegd(keys="image", prob=0.3, quality=(20, 90)),
     ])
 
 
@@ -94,9 +195,14 @@ class Recipe:
         return image.float().contiguous(), label.contiguous()
 
 
+#: Recipes for RGB photographs only (their colour transforms mix three channels).
+RGB_RECIPES = ("fundus",)
+
 #: Recipe name -> factory taking the card's normalisation.
 RECIPES: dict[str, Callable[[str], Recipe]] = {
     "none": lambda normalization: Recipe(normalization, None, None),
     "intensity": lambda normalization: Recipe(normalization, _scanner_intensities(), None),
     "scanner": lambda normalization: Recipe(normalization, _scanner_intensities(), _geometry()),
+    "fundus": lambda normalization: Recipe(normalization, _camera_colours(),
+                                           _geometry(rotate=np.pi / 8, scale=0.2, max_zoom=1.5, zoom_prob=0.3)),
 }

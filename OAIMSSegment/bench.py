@@ -3,8 +3,9 @@
 From one run, per model: a forward pass, a forward + backward pass, an MI click (the whole
 ``add_click``), a PI accept (the whole ``accept``) and the first feedback of an MI click (the
 ``on_first_feedback`` preview), each p50 / p95 in ms and as a ratio to the forward pass's p50;
-the same session with ``reuse_graphs=False`` (the path before issue 21), in alternate rounds
-so that both see the same machine load; and the memory a kept graph holds. The network works
+the same session with ``reuse_graphs=False`` (the path before issue 21: passes recomputed, undo
+snapshots deep-copied, per-tensor Adam); and the memory a kept graph holds. Every operation and
+both paths run once a round, so that all of them (and so the ratios) see the same machine load. The network works
 at ``size x size`` (the card's working size is set to ``size``; the shipped fundus model works
 at 256 anyway). A caller may time more operations (``timings``, e.g. the volume session's
 40-slice propagation as ``propagate40``) in the same run.
@@ -54,8 +55,8 @@ def _image(channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return image[0] if channels == 1 else image
 
 
-def _passes(model: ClickSegmenter, image: np.ndarray, click: Click, repeats: int) -> dict[str, list[float]]:
-    """Forward (eval, no gradient) and forward + backward (train, Dice-Focal loss) times."""
+def _passes(model: ClickSegmenter, image: np.ndarray, click: Click) -> dict[str, Callable[[], None]]:
+    """A forward pass (eval, no gradient) and a forward + backward pass (train, Dice-Focal loss)."""
     prepared = model.prepare(image)
     clicks = [model.working_click(prepared, click)]
     loss = DiceFocal(binary=model.card.binary)
@@ -71,11 +72,7 @@ def _passes(model: ClickSegmenter, image: np.ndarray, click: Click, repeats: int
         loss(model.logits(prepared, clicks), target).backward()
         model.zero_grad(set_to_none=True)
 
-    times: dict[str, list[float]] = {"forward": [], "forward_backward": []}
-    for name, function in (("forward", forward), ("forward_backward", forward_backward)):
-        function()  # warm-up
-        times[name] = [_timed(function) for _ in range(repeats)]
-    return times
+    return {"forward": forward, "forward_backward": forward_backward}
 
 
 def _session_round(session: InteractiveSession, image: np.ndarray, clicks: list[Click], times: dict[str, list[float]]) -> None:
@@ -113,19 +110,25 @@ def bench_model(name: str, repeats: int = 20, size: int = 256, seed: int = 0, ti
     model = load_model(name)
     model.card = replace(model.card, working_size=size)
     image = _image(model.card.image_channels, size, rng)
-    times = _passes(model, image, Click((size * 3 // 8, size * 3 // 8), 1), repeats)
+    operations: dict[str, Callable[[], object]] = dict(_passes(model, image, Click((size * 3 // 8, size * 3 // 8), 1)))
+    operations.update({extra: (lambda function=function: function(model, image)) for extra, function in (timings or {}).items()})
     sessions = {reuse: InteractiveSession(copy.deepcopy(model), "pi+mi", reuse_graphs=reuse) for reuse in (True, False)}
     per_path: dict[bool, dict[str, list[float]]] = {reuse: {"mi": [], "pi": [], "first_feedback": []} for reuse in sessions}
+    times: dict[str, list[float]] = {name: [] for name in operations}
+    # Every operation once a round, both session paths in alternation: a ratio compares figures
+    # taken under the same machine load, even when the load drifts during the run.
     for i in range(repeats + 1):
         clicks = [Click((size * 3 // 8, size * 3 // 8), 1),
                   Click((int(rng.integers(size)), int(rng.integers(size))), int(rng.integers(model.card.num_classes)))]
-        for reuse, session in sessions.items():  # alternate rounds: both paths see the same load
-            round_times = per_path[reuse] if i else {"mi": [], "pi": [], "first_feedback": []}  # round 0 warms up
+        for name, function in operations.items():
+            elapsed = _timed(function)
+            if i:  # round 0 warms up
+                times[name].append(elapsed)
+        for reuse, session in sessions.items():
+            round_times = per_path[reuse] if i else {"mi": [], "pi": [], "first_feedback": []}
             _session_round(session, image, clicks, round_times)
-    times.update(per_path[True])
-    for extra, function in (timings or {}).items():
-        function(model, image)  # warm-up
-        times[extra] = [_timed(lambda: function(model, image)) for _ in range(repeats)]
+    times = {**{name: times[name] for name in ("forward", "forward_backward")}, **per_path[True],
+             **{name: values for name, values in times.items() if name not in ("forward", "forward_backward")}}
     forward = float(np.percentile(times["forward"], 50))
     probe = sessions[True]
     probe.start(image)

@@ -171,9 +171,20 @@ def error_components(prediction: np.ndarray, target: np.ndarray, num_classes: in
 
 
 def interior_point(mask: np.ndarray) -> tuple[int, ...]:
-    """The pixel of ``mask`` farthest from its border (the image edge counts as border)."""
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[tuple(slice(1, -1) for _ in mask.shape)]
-    return tuple(int(i) for i in np.unravel_index(int(np.argmax(distance)), mask.shape))
+    """The pixel of ``mask`` farthest from its border (the image edge counts as border; the
+    first in array order among ties; the origin for an empty mask).
+
+    The distance transform runs on the mask's bounding box padded by one pixel: every pixel
+    outside the box is border, so the nearest border pixel of any pixel inside is in the padded
+    box, and the distances and the order of ties are those of the whole image (issue 21: a
+    propagated slice's seeds cost a transform per component)."""
+    found = np.nonzero(mask)
+    if not found[0].size:
+        return tuple(0 for _ in np.shape(mask))
+    low = [int(axis.min()) for axis in found]
+    box = np.asarray(mask)[tuple(slice(start, int(axis.max()) + 1) for start, axis in zip(low, found))]
+    distance = ndimage.distance_transform_edt(np.pad(box, 1))[tuple(slice(1, -1) for _ in box.shape)]
+    return tuple(int(i) + start for i, start in zip(np.unravel_index(int(np.argmax(distance)), box.shape), low))
 
 
 def random_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, ...]:

@@ -44,8 +44,9 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 def model_cards(models_dir: "str | os.PathLike" = MODELS_DIR) -> list[dict]:
     """The shipped segmentation models' cards, read from their JSON without importing torch (the panel
-    lists them before torch is installed); proposal models (``"kind"``, or no ``labels``) are left out."""
-    cards = [json.loads(path.read_text()) for path in sorted(Path(models_dir).glob("*.json"))]
+    lists them before torch is installed), sorted by model name as ``model.list_models``; proposal models
+    (``"kind"``, or no ``labels``) are left out."""
+    cards = [json.loads(path.read_text()) for path in sorted(Path(models_dir).glob("*.json"), key=lambda path: path.stem)]
     return [card for card in cards if card.get("kind", "click-segmenter" if "labels" in card else "proposals") == "click-segmenter"]
 
 

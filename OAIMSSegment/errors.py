@@ -34,3 +34,7 @@ class SessionStateError(OAIMSError, RuntimeError):
 
 class InvalidMaskError(OAIMSError, ValueError):
     """An accepted mask is not a class map of the open image (NaN, fractional or unknown labels, wrong shape)."""
+
+
+class DeviceError(OAIMSError, ValueError):
+    """A compute device that is unknown or that the installed PyTorch cannot use."""

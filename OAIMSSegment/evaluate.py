@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from OAIMSSegment.clicks import correction_click, localization_click, wrong_click
+from OAIMSSegment.colour import colour_jitter, jitter_rng
 from OAIMSSegment.data import NnUNetDataset, Sample
 from OAIMSSegment.errors import DatasetError, OAIMSError
 from OAIMSSegment.files import atomic_write_bytes, atomic_write_text
@@ -264,6 +265,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="segment with the longer image side at this many pixels instead of the model card's "
         f"working_size (16..{types.MAX_WORKING_SIZE}); 0: native resolution (up to the card's max_side)",
     )
+    parser.add_argument("--colour-jitter", type=int, metavar="SEED",
+                        help="evaluate on a colour-jittered copy of an RGB dataset: each image gets a random brightness, "
+                        "contrast, saturation and hue (OAIMSSegment/colour.py), seeded by SEED and its case name; "
+                        "the dataset's files are not changed")
     parser.add_argument("--threads", type=types.non_negative_int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--json", type=types.writable_file, required=True, help="write results here (checked before the run)")
     parser.add_argument("--plot", type=types.writable_file, help="write a Dice-vs-clicks PNG here")
@@ -309,7 +314,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise DatasetError(
             f"no {args.axis} slice of {where} has at least {args.min_foreground} foreground pixel(s); lower --min-foreground"
         )
-    samples, skipped = _usable_samples(select_samples(found, args.max_images), model)
+    selected = select_samples(found, args.max_images)
+    if args.colour_jitter is not None:
+        if not dataset.rgb:
+            raise DatasetError(f"--colour-jitter needs an RGB dataset; {dataset.name} has channels {', '.join(dataset.channel_names)}")
+        selected = [replace(sample, image=colour_jitter(sample.image, jitter_rng(args.colour_jitter, sample.name), sample.name))
+                    for sample in selected]
+        where += f" (colour jitter, seed {args.colour_jitter})"
+    samples, skipped = _usable_samples(selected, model)
     if skipped:
         names = "; ".join(f"{s['name']} ({s['reason']})" for s in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
         print(f"skipped {len(skipped)} of {len(samples) + len(skipped)} slice(s) that cannot be segmented: {names}")
@@ -332,6 +344,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     })
     if card_overrides:
         summary["card_overrides"] = card_overrides
+    if args.colour_jitter is not None:
+        summary["colour_jitter"] = args.colour_jitter
     atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")
     if args.plot:
         plot_curves(summary, args.plot, f"{model.card.name} on {summary['dataset']} ({len(samples)} images)")

@@ -154,7 +154,7 @@ class OAIMS(AdaptationMethod):
         first_logits, first_labels = session.train_logits_and_labels(clicks[:1])
         losses = {"stage1": session.optimizer_step(session.dice_focal(first_logits, final[None]))}
         generated = ranked_error_clicks(
-            first_labels.numpy(), final.numpy(), session.card.num_classes, n_clicks, _image_rng(clicks)
+            first_labels.cpu().numpy(), final.cpu().numpy(), session.card.num_classes, n_clicks, _image_rng(clicks)
         )
         if generated:
             losses["stage2"] = session.optimizer_step(oaims_loss(session, session.train_logits(generated), final, generated))

@@ -188,13 +188,13 @@ class PreparedImage:
         one-hot, bilinear, then the majority class per working pixel. torch's ``"nearest"``
         mode samples at ``floor(i * H / h)`` instead, which shifts a shrunk mask by almost half
         a working pixel against the image and caps a 240 -> 128 px mask at 0.90 Dice."""
-        labels = torch.as_tensor(np.asarray(mask, dtype=np.int64))
+        labels = torch.as_tensor(np.asarray(mask, dtype=np.int64), device=self.tensor.device)
         tensor = labels[None, None].float()
         if self.working_shape != self.original_shape:
             one_hot = F.one_hot(labels, int(labels.max()) + 1).permute(2, 0, 1)[None].float()
             shrink = self.working_shape[0] < self.original_shape[0]
             resized = F.interpolate(one_hot, size=self.working_shape, mode="bilinear", align_corners=False, antialias=shrink)
-            tensor = resized.argmax(dim=1, keepdim=True).float()
+            tensor = class_map(resized, dim=1)[:, None].float()
         padded = self.tensor.new_zeros((1, 1, *self.tensor.shape[-2:]))
         padded[..., : self.working_shape[0], : self.working_shape[1]] = tensor
         return padded[0, 0].long()
@@ -233,6 +233,11 @@ class ClickSegmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (``OAIMSSegment.device.resolve_device``); prepared images go there too."""
+        return next(self.parameters()).device
+
     # -- images -----------------------------------------------------------------------------
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
@@ -270,7 +275,7 @@ class ClickSegmenter(nn.Module):
         if float(array.max() - array.min()) == 0.0:
             raise InvalidImageError("image is constant (every pixel the same): there is nothing to segment")
 
-        tensor = torch.from_numpy(normalize(array, card.normalization))[None]
+        tensor = torch.from_numpy(normalize(array, card.normalization))[None].to(self.device)
         longer = max(height, width)
         target = card.working_size or min(longer, card.max_side)
         scale = target / longer
@@ -285,7 +290,8 @@ class ClickSegmenter(nn.Module):
 
     def guidance(self, prepared: PreparedImage, clicks: Sequence[Click]) -> torch.Tensor:
         """Guidance maps ``(1, K, Hp, Wp)`` for clicks given in *working* coordinates."""
-        return guidance_maps(clicks, prepared.tensor.shape[-2:], self.card.num_classes, self.card.guidance_sigma)[None]
+        return guidance_maps(clicks, prepared.tensor.shape[-2:], self.card.num_classes, self.card.guidance_sigma,
+                             device=prepared.tensor.device)[None]
 
     def logits(self, prepared: PreparedImage, clicks: Sequence[Click]) -> torch.Tensor:
         """Working-space logits ``(1, 1|K, Hp, Wp)`` for working-space clicks."""
@@ -301,10 +307,16 @@ def normalize(array: np.ndarray, method: str) -> np.ndarray:
     """Intensity normalisation of a ``(C, H, W)`` float32 array (see :class:`ModelCard`).
 
     Raises:
-        InvalidImageError: ``"robust_percentile"`` given a channel that is empty, not finite
-            or constant (nothing it could scale).
+        InvalidImageError: ``"robust_percentile"`` given a channel that is empty or not finite,
+            or an image whose every channel is constant (nothing it could scale); one constant
+            channel of a multi-channel image becomes 0.
     """
     if method == "robust_percentile":
+        flat = [channel.size > 0 and float(channel.max()) == float(channel.min()) for channel in array]
+        if len(array) > 1 and not all(flat):
+            # a constant channel of a colour photograph (an empty blue channel) carries nothing: 0, as zscore gives it
+            return np.stack([np.zeros_like(channel) if constant else robust_percentile(channel)
+                             for channel, constant in zip(array, flat)])
         return np.stack([robust_percentile(channel) for channel in array])
     out = np.zeros_like(array)
     for c, channel in enumerate(array):
@@ -356,11 +368,19 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def class_map(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Index (long) of the largest score along ``dim``: ``torch.argmax`` (the first of tied
+    maxima; a NaN counts as the maximum), from ``Tensor.max``, which returns the same indices
+    and on a CPU runs 20-40x faster across a channel axis (25 ms against 0.6 ms for
+    ``(2, 256, 256)`` in torch 2.13, one thread; issue 21)."""
+    return scores.max(dim=dim).indices
+
+
 def hard_labels(logits: torch.Tensor) -> torch.Tensor:
     """Class map ``(B, H, W)`` (long) from logits."""
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).long()
-    return logits.argmax(dim=1)
+    return class_map(logits, dim=1)
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -390,9 +410,11 @@ def card_kind(card: dict[str, Any]) -> str:
 
 
 def shipped_cards(kind: str, models_dir: str | Path = MODELS_DIR) -> list[tuple[Path, dict[str, Any]]]:
-    """``(card path, card)`` of each model card of ``kind`` in ``models_dir``, sorted by file name."""
+    """``(card path, card)`` of each model card of ``kind`` in ``models_dir``, sorted by model name
+    (the file stem: ``fundus-disc-cup`` before ``fundus-disc-cup-robust``, which a sort of whole file
+    names reverses, ``-`` sorting before ``.``)."""
     cards = []
-    for path in sorted(Path(models_dir).glob("*.json")):
+    for path in sorted(Path(models_dir).glob("*.json"), key=lambda card_path: card_path.stem):
         card = json.loads(path.read_text())
         if card_kind(card) == kind:
             cards.append((path, card))

@@ -260,19 +260,42 @@ def volume_array(volume_node: "slicer.vtkMRMLVolumeNode") -> np.ndarray:
     return array.reshape(shape)
 
 
+def _channels_first(planes: np.ndarray, channel_axis: int) -> np.ndarray:
+    """Voxel planes with their components last (or none) -> float32 with ``C`` (1, or R, G, B) at ``channel_axis``."""
+    # np.array copies always: the result must not share the volume's VTK memory (a worker reads it).
+    if planes.ndim == channel_axis + 2:
+        return np.array(np.expand_dims(planes, channel_axis), dtype=np.float32, order="C")
+    return np.array(np.moveaxis(planes[..., :3], -1, channel_axis), dtype=np.float32, order="C")
+
+
 def extract_slice(volume_node: "slicer.vtkMRMLVolumeNode", location: SliceLocation) -> np.ndarray:
     """The slice through ``location`` as a channels-first float32 array ``(C, H, W)``.
 
     Scalar volumes give ``C = 1``; RGB(A) vector volumes give ``C = 3`` (R, G, B). Intensities
     are raw (the engine normalises).
     """
-    array = volume_array(volume_node)
-    plane = np.take(array, location.index, axis=2 - location.axis)
-    if plane.ndim == 2:
-        plane = plane[np.newaxis]
-    else:
-        plane = np.moveaxis(plane[..., :3], -1, 0)
-    return np.ascontiguousarray(plane, dtype=np.float32)
+    return _channels_first(np.take(volume_array(volume_node), location.index, axis=2 - location.axis), 0)
+
+
+def volume_slices(volume_node: "slicer.vtkMRMLVolumeNode", axis: int) -> np.ndarray:
+    """Every slice normal to IJK ``axis``, ``(S, C, H, W)`` float32 (a copy: safe to hand to a worker);
+    slice ``s`` is :func:`extract_slice` at index ``s``."""
+    return _channels_first(np.moveaxis(volume_array(volume_node), 2 - axis, 0), 1)
+
+
+def in_plane_spacing(volume_node: "slicer.vtkMRMLVolumeNode", axis: int) -> tuple[float, float]:
+    """``(row mm, col mm)`` of the pixels of a slice normal to IJK ``axis``."""
+    spacing = volume_node.GetSpacing()
+    rows_axis, cols_axis = _in_plane_axes(axis)
+    return float(spacing[rows_axis]), float(spacing[cols_axis])
+
+
+def slice_location(volume_node: "slicer.vtkMRMLVolumeNode", axis: int, index: int) -> SliceLocation:
+    """The whole slice ``index`` normal to IJK ``axis`` (its ``ijk`` and ``position`` are its first voxel)."""
+    dims = volume_dimensions(volume_node)
+    rows_axis, cols_axis = _in_plane_axes(axis)
+    ijk = tuple(int(index) if a == axis else 0 for a in range(3))
+    return SliceLocation(axis, int(index), ijk, (0, 0), (dims[rows_axis], dims[cols_axis]))  # type: ignore[arg-type]
 
 
 def _slice_labelmap_geometry(
@@ -445,11 +468,8 @@ class SegmentedSlice:
         """Read the slice at ``location`` and what ``class_segments`` hold there."""
         before = {index: read_slice_mask(segmentation_node, segment_id, volume_node, location)
                   for index, segment_id in class_segments.items()}
-        image = extract_slice(volume_node, location)
-        spacing = volume_node.GetSpacing()
-        rows_axis, cols_axis = _in_plane_axes(location.axis)
-        return cls(volume_node, segmentation_node, dict(class_segments), location, image, before,
-                   (float(spacing[rows_axis]), float(spacing[cols_axis])))
+        return cls(volume_node, segmentation_node, dict(class_segments), location, extract_slice(volume_node, location),
+                   before, in_plane_spacing(volume_node, location.axis))
 
     def write(self, mask: np.ndarray, class_segments: "Mapping[int, str] | None" = None) -> None:
         """:func:`write_slice_mask` on this slice (into ``class_segments``, default the class segments)."""
@@ -482,6 +502,14 @@ def remove_segments_named(segmentation_node: "slicer.vtkMRMLSegmentationNode", p
     for segment_id in list(segmentation.GetSegmentIDs()):
         if segmentation.GetSegment(segment_id).GetName().startswith(prefix):
             segmentation.RemoveSegment(segment_id)
+
+
+def show_only_segment(segmentation_node: "slicer.vtkMRMLSegmentationNode", segment_ids: "list[str]", shown: int) -> None:
+    """Show segment ``segment_ids[shown]`` and hide the other ones of ``segment_ids`` (e.g. proposals)."""
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        for index, segment_id in enumerate(segment_ids):
+            display.SetSegmentVisibility(segment_id, index == shown)
 
 
 def click_point_list(scene: "slicer.vtkMRMLScene", positive: bool) -> "slicer.vtkMRMLMarkupsFiducialNode":
@@ -530,6 +558,16 @@ def segment_editor_node(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLSegmentE
         node.SetSingletonTag("SegmentEditor")
         node = scene.AddNode(node)
     return node
+
+
+def shown_volume(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLVolumeNode | None":
+    """The volume the slice views show: the first background volume of a view, else the first foreground
+    one, as the Segment Editor module picks its default source volume (Slicer v5.8.1
+    ``Modules/Scripted/SegmentEditor/SegmentEditor.py:96-112``); None when no view shows one."""
+    nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    composites = [nodes.GetItemAsObject(index) for index in range(nodes.GetNumberOfItems())]
+    shown = [c.GetBackgroundVolumeID() for c in composites] + [c.GetForegroundVolumeID() for c in composites]
+    return next((scene.GetNodeByID(node_id) for node_id in shown if node_id), None)
 
 
 def new_segmentation(scene: "slicer.vtkMRMLScene", volume_node: "slicer.vtkMRMLVolumeNode", segment_name: str):

@@ -23,6 +23,7 @@ class NextSteps:
 
     Attributes:
         picked: the class map ``(H, W)`` made from the picked proposal, for Accept (None: none picked).
+        shown: index of the proposal shown to the clinician (stepped with :meth:`step`; 0 after :meth:`propose`).
     """
 
     def __init__(self, model_name: str) -> None:
@@ -30,6 +31,7 @@ class NextSteps:
         self.picked: np.ndarray | None = None
         self._model = None
         self._proposals: list = []
+        self.shown = 0
 
     def use(self, model_name: str) -> None:
         """Propose with another model from now on (loaded on first use)."""
@@ -59,7 +61,24 @@ class NextSteps:
         for click in session.clicks:
             decided[click.position] = True
         self._proposals = propose_next_steps(self._model, image2d, decided, mask == active_class, k=k, seed=seed)
+        self.shown = 0
         return [proposal.seg_mask for proposal in self._proposals]
+
+    @property
+    def count(self) -> int:
+        """Proposals made for the open image (0 before :meth:`propose` and after :meth:`clear`)."""
+        return len(self._proposals)
+
+    def clear(self) -> None:
+        """The proposals are gone (picked, or the segment changed)."""
+        self._proposals, self.shown = [], 0
+
+    def step(self, delta: int) -> int:
+        """Show the next (``delta`` 1) or previous (-1) proposal, wrapping around; returns :attr:`shown`."""
+        if not self._proposals:
+            raise SessionStateError("there are no proposals to step through: propose next steps first")
+        self.shown = (self.shown + int(delta)) % len(self._proposals)
+        return self.shown
 
     def pick(self, session: InteractiveSession, index: int, active_class: int) -> np.ndarray:
         """Make proposal ``index`` (0-based) the ``active_class`` region of the mask to accept; returns that class map."""

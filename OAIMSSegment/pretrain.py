@@ -31,7 +31,7 @@ from monai.transforms import RandHistogramShift
 from tqdm import tqdm
 
 from OAIMSSegment import arguments as types
-from OAIMSSegment.augment import RECIPES, Recipe
+from OAIMSSegment.augment import RECIPES, RGB_RECIPES, Recipe
 from OAIMSSegment.clicks import Click, correction_click, guidance_maps, localization_click, ranked_error_clicks
 from OAIMSSegment.data import NnUNetDataset, Sample, synthetic_samples
 from OAIMSSegment.errors import DatasetError, InvalidImageError, ModelError
@@ -226,6 +226,8 @@ def pretrain(
     """
     if not samples:
         raise DatasetError("no training samples (no image has foreground?)")
+    if config.augment in RGB_RECIPES and card.image_channels != 3:
+        raise ModelError(f"--augment {config.augment} is for RGB photographs; {card.name!r} has {card.image_channels} channel(s)")
     out = Path(out)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -241,7 +243,7 @@ def pretrain(
     average_from = config.steps - max(1, round(config.average_last * config.steps)) if config.average_last else None
     averaged = torch.optim.swa_utils.AveragedModel(model) if average_from is not None else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
+    scheduler = one_cycle(optimizer, config.lr, config.steps)
     dice_focal = DiceFocal(binary=card.binary, alpha=config.alpha)
     checkpoint = out.with_suffix(".ckpt")
     step = 0
@@ -292,6 +294,15 @@ def pretrain(
 
 
 # -- command line -------------------------------------------------------------------------------
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The training schedule: one cycle up to ``lr`` over a 5 % warm-up, then down over ``steps``.
+
+    OneCycleLR divides by (warm-up fraction x steps - 1), which is zero for a 20-step probe, so runs
+    of 3 to 39 steps warm up over two steps instead (longer runs keep their published schedule)."""
+    warmup = max(0.05, 2 / steps) if steps >= 3 else 0.05
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warmup)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -15,7 +15,7 @@ gets ONE new version (:meth:`SiteSession.save_update`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Dict, Hashable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Hashable, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
@@ -81,6 +81,15 @@ class _WorkedSlice:
     image: np.ndarray  # on the model grid
     grid: InPlaneGrid
     clicks: List[Click] = field(default_factory=list)  # on the model grid
+    seeded: int = 0  # the first clicks are seeds a propagation placed, not the clinician's
+
+
+def _worked_slice(image: np.ndarray, spacing: Tuple[float, float], seeds, seeded: bool) -> _WorkedSlice:
+    """A slice (``(C, H, W)``, raw; ``spacing`` (row, col) mm) on its model grid, with ``seeds`` (slice
+    pixels) as its first clicks: propagation's (``seeded``), or standing for the clinician's."""
+    grid = InPlaneGrid(tuple(np.shape(image)[-2:]), tuple(float(s) for s in spacing))
+    placed = [replace(seed, position=grid.click_to_model(seed.position)) for seed in seeds]
+    return _WorkedSlice(grid.image_to_model(np.asarray(image)), grid, placed, len(placed) if seeded else 0)
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,14 @@ class SegmentWork:
 
     @property
     def slices(self) -> List[Hashable]:
-        """Keys of the slices that hold clicks, in the order they were first opened."""
-        return [key for key, worked in self._slices.items() if worked.clicks]
+        """Keys of the slices that hold the clinician's clicks, in the order they were first opened."""
+        return [key for key, worked in self._slices.items() if len(worked.clicks) > worked.seeded]
+
+    @property
+    def openClicks(self) -> int:
+        """The clinician's clicks on the open slice (its propagation seeds not counted; 0 when none is open)."""
+        worked = self._slices.get(self._open) if self._open is not None and self.site.session.active else None
+        return len(worked.clicks) - worked.seeded if worked is not None else 0
 
     @property
     def openImage(self) -> Optional[Tuple[np.ndarray, InPlaneGrid]]:
@@ -138,12 +153,14 @@ class SegmentWork:
         return (worked.image, worked.grid) if worked is not None else None
 
     def open(self, key: Hashable, image: np.ndarray, settings: Optional[tuple] = None,
-             spacing: Tuple[float, float] = (1.0, 1.0)) -> Optional[np.ndarray]:
+             spacing: Tuple[float, float] = (1.0, 1.0), seeds: Tuple["Click", ...] = ()) -> Optional[np.ndarray]:
         """Make slice ``key`` (image ``(C, H, W)``, raw; ``spacing`` its (row, col) mm) the open image and
         return its mask (None without clicks). The slice open before stays as it is; a slice opened
         before is resumed with its clicks, without adapting again. ``settings`` ``(method,
         AdaptConfig)`` take effect first when this is the segment's first slice. The model sees the
-        slice at isotropic in-plane spacing (:class:`InPlaneGrid`); masks and clicks here are the slice's."""
+        slice at isotropic in-plane spacing (:class:`InPlaneGrid`); masks and clicks here are the slice's.
+        ``seeds`` (slice pixels): the clicks a propagation segmented a new slice with; a correction
+        click joins them, as in :meth:`VolumeSession.click`."""
         session = self.site.session
         if self._start is None:
             if settings:
@@ -152,8 +169,7 @@ class SegmentWork:
             self._start = session.state_dict()
         self._leave()
         if key not in self._slices:
-            grid = InPlaneGrid(tuple(np.shape(image)[-2:]), tuple(float(s) for s in spacing))
-            self._slices[key] = _WorkedSlice(grid.image_to_model(np.asarray(image)), grid)
+            self._slices[key] = _worked_slice(image, spacing, seeds, seeded=True)
         worked = self._slices[key]
         mask = session.resume(worked.image, worked.clicks)
         self._open = key
@@ -174,10 +190,41 @@ class SegmentWork:
         worked.clicks.pop()
         return worked.grid.mask_from_model(mask)
 
-    def accept(self, finals: Mapping[Hashable, np.ndarray], settings: Optional[tuple] = None) -> SegmentAccept:
+    def propagate(self, slices: np.ndarray, spacing: Tuple[float, float], origin: int, origin_mask: np.ndarray,
+                  blocked: Set[int], rule=None) -> Tuple[list, list]:
+        """Propagate ``origin_mask`` ``(H, W)`` (what slice ``origin`` holds) up and down ``slices``
+        ``(S, C, H, W)`` (raw, one axis of the volume; ``spacing`` their (row, col) mm) until the
+        structure ends or a ``blocked`` slice (:func:`~OAIMSSegment.volume.propagate_line`, one forward
+        pass per slice at isotropic in-plane spacing, no adaptation). Returns ``([(index, mask, seeds),
+        ...], [index where each direction stopped])``; masks and seeds are in slice pixels."""
+        from OAIMSSegment.clicks import Click
+        from OAIMSSegment.volume import Propagation, propagate_line, seeded_prediction, slices_ahead
+
+        grid = InPlaneGrid(tuple(np.shape(slices)[-2:]), tuple(float(s) for s in spacing))
+        model = self.site.session.model
+
+        def predict(index: int, seeds: list):
+            clicks = [Click(grid.click_to_model(seed.position), seed.label) for seed in seeds]
+            predicted = seeded_prediction(model, grid.image_to_model(np.asarray(slices[index])), clicks)
+            return None if predicted is None else (grid.mask_from_model(predicted[0]), predicted[1])
+
+        propagated, ends = [], []
+        for step in (1, -1):
+            line = propagate_line(predict, np.asarray(origin_mask), slices_ahead(origin, step, len(slices), blocked),
+                                  rule or Propagation())
+            propagated += line
+            ends.append((line[-1][0] if line else origin) + step)
+        return propagated, ends
+
+    def accept(self, finals: Mapping[Hashable, np.ndarray], settings: Optional[tuple] = None,
+               edited: Optional[Mapping[Hashable, tuple]] = None) -> SegmentAccept:
         """PI once per slice with clicks, each on ``finals[key]`` (the class map ``(H, W)`` the slice
         holds now), then one site version when the weights changed (PI applied or MI steps).
+        ``edited``: ``{key: (image, spacing, seeds)}`` of propagated slices the clinician edited without
+        clicking them: learnt from too, after the others, their seeds standing for their clicks.
         ``settings`` take effect afterwards. Raises SessionStateError when no slice has clicks."""
+        for key, (image, spacing, seeds) in (edited or {}).items():
+            self._slices[key] = _worked_slice(image, spacing, seeds, seeded=False)
         keys = self.slices
         if not keys:
             raise SessionStateError("nothing to accept: click in a slice first")

@@ -19,12 +19,14 @@ Methods (``method=``): the names of :data:`OAIMSSegment.methods.METHODS`; each m
 and PI update live in :mod:`OAIMSSegment.methods`, the session keeps the image, its clicks (one
 :class:`ClickStep` per click), the optimizer and the safety nets (undo, discard, the PI guard).
 
-Passes are not repeated (issue 21; ``reuse_graphs=False`` keeps the old computation, for the
-tests and ``bench``): the shown prediction is computed with its graph kept when the next MI
-step needs it as P_{t-1}; P_t^initial serves the first feedback and the MI pseudo label; the PI
-drift guard's "before" is the last click's prediction; PI stage 1 takes the first-click
-labels and gradients from one pass. Each is used only when it is provably the same
-computation (:mod:`OAIMSSegment.reuse`).
+Work is not repeated (issue 21; ``reuse_graphs=False`` keeps the old computation, the reference
+for the tests and ``bench``): the shown prediction is computed with its graph kept when the next
+MI step needs it as P_{t-1}; P_t^initial serves the first feedback and the MI pseudo label; the PI
+drift guard's "before" is the last click's prediction; PI stage 1 takes the first-click labels
+and gradients from one pass. Each is used only when it is provably the same computation
+(:mod:`OAIMSSegment.reuse`). Undo snapshots are copied into reused buffers
+(:mod:`OAIMSSegment.snapshot`) instead of deep copies of :meth:`~InteractiveSession.state_dict`,
+and Adam updates all parameters in one multi-tensor step (``foreach``: the same arithmetic).
 
 Optimizer: Adam, chosen by the measured sweep recorded in ``docs/BENCHMARKS.md``. Its
 state (moment estimates) is part of :meth:`~InteractiveSession.state_dict`, so a site
@@ -40,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.utils import parameters_to_vector
 
 from OAIMSSegment.clicks import Click
 from OAIMSSegment.errors import SessionStateError
@@ -47,8 +50,9 @@ from OAIMSSegment.losses import DiceFocal
 from OAIMSSegment.methods import METHODS as METHOD_CLASSES
 from OAIMSSegment.methods import AdaptationMethod, get_method, weights_snapshot
 from OAIMSSegment.metrics import mean_foreground_dice
-from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, hard_labels, probabilities
+from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, class_map, hard_labels, probabilities
 from OAIMSSegment.reuse import train_equals_eval, weights_version
+from OAIMSSegment.snapshot import SnapshotPool, StateSnapshot
 from OAIMSSegment.validation import accepted_mask, click_input
 
 #: Every method name, in registry order (:data:`OAIMSSegment.methods.METHODS` maps them to classes).
@@ -160,15 +164,17 @@ class ClickStep:
     Attributes:
         click: the click in original pixel coordinates.
         working_click: the same click in working pixels.
-        snapshot: :meth:`InteractiveSession.state_dict` taken before the click's MI update
-            (None when the click caused none).
+        snapshot: the weights and optimizer state before the click's MI update (None when the
+            click caused none): a :class:`~OAIMSSegment.snapshot.StateSnapshot`, whose buffers are
+            reused once the click is undone or its image closed (with ``reuse_graphs=False``, an
+            :meth:`InteractiveSession.state_dict`).
         labels: the prediction with the clicks up to this one, working class map ``(Hp, Wp)``.
         result: what :meth:`InteractiveSession.add_click` returned.
     """
 
     click: Click
     working_click: Click
-    snapshot: dict | None
+    snapshot: StateSnapshot | dict | None
     labels: torch.Tensor
     result: ClickResult
 
@@ -190,9 +196,9 @@ class InteractiveSession:
         model: the segmentation model; its weights are updated in place by adaptive methods.
         method: one of :data:`METHODS`.
         config: adaptation hyper-parameters (the method's overrides are applied on top).
-        reuse_graphs: reuse forward passes (see the module docstring); False repeats them as
-            before issue 21 (the same weights and masks, more passes: the reference the tests
-            and ``bench`` compare with).
+        reuse_graphs: reuse forward passes and undo buffers (see the module docstring); False
+            repeats the passes and deep-copies the state as before issue 21 (the same weights
+            and masks, more work: the reference the tests and ``bench`` compare with).
     """
 
     def __init__(self, model: ClickSegmenter, method: str = "pi+mi", config: AdaptConfig | None = None,
@@ -206,6 +212,9 @@ class InteractiveSession:
         self._configure(method, method_class, config or AdaptConfig())
         self.adaptation: AdaptationMethod = method_class(model)
         self.optimizer = self._new_optimizer()
+        self._snapshots = SnapshotPool()
+        self._steps: list[ClickStep] = []
+        self._image_start: StateSnapshot | dict | None = None
         self._clear_image()
 
     def _configure(self, method: str, method_class: type[AdaptationMethod], config: AdaptConfig) -> None:
@@ -262,7 +271,7 @@ class InteractiveSession:
         if self.active:
             self.discard()
         self.prepared = prepared
-        self._image_start = self.state_dict()
+        self._image_start = self._snapshot()
 
     def add_click(self, position: tuple[float, ...], label: int,
                   on_first_feedback: Callable[[ClickResult], None] | None = None) -> ClickResult:
@@ -287,7 +296,7 @@ class InteractiveSession:
         click = self.model.working_click(prepared, Click(position, label))
         original = Click(tuple(int(round(v)) for v in position), label)
         clicks = self.working_clicks + [click]
-        snapshot = self.state_dict() if self.mi_enabled and self._steps else None
+        snapshot = self._snapshot() if self.mi_enabled and self._steps else None
         loss, adapt_ms = None, 0.0
         try:
             if snapshot is not None:
@@ -303,7 +312,8 @@ class InteractiveSession:
         except BaseException:
             self._kept = None
             if snapshot is not None:  # the click is not recorded, so neither is its update
-                self.load_state_dict(snapshot)
+                self._restore(snapshot)
+                self._snapshots.release(snapshot)
             raise
         finally:
             self._initial = None
@@ -335,13 +345,14 @@ class InteractiveSession:
         snapshot = self._steps.pop().snapshot
         self._kept = self._shown_version = None  # passes of the undone click
         if snapshot is not None:
-            self.load_state_dict(snapshot)
+            self._restore(snapshot)
+            self._snapshots.release(snapshot)
         return self.mask
 
     def discard(self) -> None:
         """Drop the image and revert every update made while segmenting it."""
         if self.active and self._image_start is not None:
-            self.load_state_dict(self._image_start)
+            self._restore(self._image_start)
         self._clear_image()
 
     def accept(self, mask: np.ndarray | None = None) -> AcceptResult:
@@ -377,7 +388,24 @@ class InteractiveSession:
     # -- state ----------------------------------------------------------------------------------
 
     def _new_optimizer(self) -> torch.optim.Adam:
-        return torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+        return torch.optim.Adam(self.model.parameters(), lr=self.config.lr, foreach=self._foreach)
+
+    @property
+    def _foreach(self) -> bool | None:
+        """Adam's multi-tensor step (bit for bit the per-tensor loop's arithmetic on CPU) or torch's default."""
+        return True if self.reuse_graphs else None
+
+    def _snapshot(self) -> StateSnapshot | dict:
+        """The weights, optimizer and method state, for :meth:`_restore` (a deep copy on the old path)."""
+        if not self.reuse_graphs:
+            return self.state_dict()
+        return self._snapshots.capture(self.model, self.optimizer, self.adaptation.state_dict())
+
+    def _restore(self, snapshot: StateSnapshot | dict) -> None:
+        if isinstance(snapshot, dict):
+            return self.load_state_dict(snapshot)
+        self._kept = None  # a kept graph is of the weights being replaced
+        snapshot.restore(self.model, self.optimizer, self.adaptation)
 
     def state_dict(self) -> dict:
         """Model weights and optimizer state (plus what the method keeps, e.g. TSCA's teacher),
@@ -396,7 +424,7 @@ class InteractiveSession:
         self.model.load_state_dict(state["model"])
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
-            self._set_learning_rate()  # the saved state carries the rate it was saved with; the config decides
+            self._set_learning_rate()  # the saved state carries the settings it was saved with; the config decides
         else:
             self.optimizer = self._new_optimizer()
         self.adaptation.load_state_dict(state)
@@ -404,6 +432,7 @@ class InteractiveSession:
     def _set_learning_rate(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr
+            group["foreach"] = self._foreach
 
     def reconfigure(self, method: str | None = None, config: AdaptConfig | None = None) -> None:
         """Change the method and/or hyper-parameters between images, keeping the adapted
@@ -493,9 +522,10 @@ class InteractiveSession:
         return self.prepared
 
     def _clear_image(self) -> None:
+        self._snapshots.release(self._image_start, *[step.snapshot for step in self._steps])
         self.prepared: PreparedImage | None = None
-        self._steps: list[ClickStep] = []
-        self._image_start: dict | None = None
+        self._steps = []
+        self._image_start = None
         self._kept: _Pass | None = None  # the shown prediction with its graph (P_{t-1} of the next MI step)
         self._initial: _Pass | None = None  # P_t^initial of the click in progress
         self._shown_version: tuple[int, ...] | None = None  # weights of the last click's prediction
@@ -524,16 +554,16 @@ class InteractiveSession:
 
     def _result(self, logits: torch.Tensor, click: Click, started: float, adapt_ms: float, loss: float | None) -> ClickResult:
         probs = probabilities(self.prepared.logits_to_original(logits))[0]
-        mask = probs.argmax(dim=0).to(torch.uint8).numpy()
+        mask = class_map(probs, dim=0).to(torch.uint8).cpu().numpy()
         latency = (time.perf_counter() - started) * 1000.0
-        return ClickResult(mask, probs.numpy().astype(np.float32), click, latency, adapt_ms, loss)
+        return ClickResult(mask, probs.cpu().numpy().astype(np.float32), click, latency, adapt_ms, loss)
 
-    def _mid_interaction(self, clicks: list[Click], snapshot: dict) -> float | None:
+    def _mid_interaction(self, clicks: list[Click], snapshot: StateSnapshot | dict) -> float | None:
         """One adaptation step after ``clicks[-1]``; ``snapshot`` is restored if its loss is not finite."""
         try:
             value = self.optimizer_step(self.adaptation.mi_loss(self, clicks))
         except FloatingPointError:
-            self.load_state_dict(snapshot)
+            self._restore(snapshot)
             return None
         self.adaptation.after_mi_step(self)
         return value
@@ -546,7 +576,8 @@ class InteractiveSession:
 
     def _post_interaction(self, final: torch.Tensor, started: float, n_clicks: int) -> AcceptResult:
         """The method's PI update (Algorithm 1, lines 22-32), undone if it harms the accepted image."""
-        before = self.state_dict()
+        self._snapshots.release(self._image_start)  # the image closes after its accept: its start's buffers serve
+        before = self._image_start = self._snapshot()  # and are released with the image
         if self.reuse_graphs and self._shown_version == self._weights_version():  # the last click's prediction
             dice_before = mean_foreground_dice(self._steps[-1].labels, final, self.card.num_classes)
         else:
@@ -555,12 +586,12 @@ class InteractiveSession:
         try:
             losses = self.adaptation.pi_update(self, final, n_clicks)
         except FloatingPointError as error:
-            self.load_state_dict(before)
+            self._restore(before)
             return AcceptResult(False, f"update rejected: {error}", elapsed(), {}, n_clicks, dice_before)
         dice_after = self._prediction_dice(final)
-        finite = all(torch.isfinite(p).all() for p in self.model.parameters())
+        finite = bool(torch.isfinite(parameters_to_vector(self.model.parameters())).all())  # one pass, not one a tensor
         if not finite or dice_after < dice_before - self.config.max_dice_drop:
-            self.load_state_dict(before)
+            self._restore(before)
             reason = "non-finite weights" if not finite else (
                 f"update rejected: Dice on the accepted image fell from {dice_before:.3f} to {dice_after:.3f}"
             )

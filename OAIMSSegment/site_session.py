@@ -182,11 +182,11 @@ class SiteSession:
             return
         self._settle(version, _images_of(state, site_model, version))
 
-    def _settle(self, version: int, images: int | None) -> None:
+    def _settle(self, version: int, images: int | None, state: dict | None = None) -> None:
         """The session's weights are now those of ``version``: remember them, as the ``based_on``
-        state that the next update is measured from."""
+        state that the next update is measured from (``state``: a copy of them already taken)."""
         self.version, self.images = version, images
-        self._based_on_state = self.session.state_dict()
+        self._based_on_state = state if state is not None else self.session.state_dict()
         self._unsaved = 0  # accepted images in the weights that no saved version holds yet
 
     def _probe(self) -> InteractiveSession:
@@ -265,8 +265,8 @@ class SiteSession:
             info = _version_record(outcomes, session.method, images)
             version = txn.save({**state, IMAGES_KEY: images}, info, based_on=self.version, merged=merged_onto is not None)
         if merged_onto is not None:
-            session.load_state_dict(state)
-        self._settle(version, images)
+            session.load_state_dict(state)  # the session's optimizer now holds state's tensors: copy again
+        self._settle(version, images, state if merged_onto is None else None)
         return version, merged_onto
 
     def start(self, image: np.ndarray, accept_mask: np.ndarray | None = None,

@@ -27,8 +27,10 @@ index into the slice, whose two axes are the remaining spatial axes in order.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Container, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -399,22 +401,8 @@ class VolumeSession:
     # -- internals: propagation --------------------------------------------------------------------
 
     def _predict(self, index: int, seeds: list[Click]) -> tuple[np.ndarray, float] | None:
-        """One forward pass on slice ``index`` with ``seeds``: ``(class map (H, W), mean foreground
-        probability)``, or None for a slice the model cannot take (constant, empty)."""
-        model = self.session.model
         self.propagation_cost["slices"] += 1
-        try:
-            prepared = model.prepare(self._slices[index])
-        except InvalidImageError:
-            return None
-        working = [model.working_click(prepared, click) for click in seeds]
-        model.eval()
-        with torch.no_grad():
-            probs = probabilities(prepared.logits_to_original(model.logits(prepared, working)))[0]
-        mask = probs.argmax(dim=0)
-        foreground = mask > 0
-        confidence = float(probs.max(dim=0).values[foreground].mean()) if bool(foreground.any()) else 0.0
-        return mask.to(torch.uint8).numpy(), confidence
+        return seeded_prediction(self.session.model, self._slices[index], seeds)
 
     def _propagate_from(self, origin: int, former: int | None = None) -> list[int]:
         """Propagate both ways from ``origin``; ``former``: the worked slice that had propagated
@@ -431,24 +419,12 @@ class VolumeSession:
     def _propagate_direction(self, origin: int, step: int, chains: set[int]) -> list[int]:
         """Propagate from ``origin`` towards ``origin + step, ...``; then clear what is left in
         that direction of the earlier propagation from ``chains`` (it now ends sooner)."""
-        changed, previous, index = [], origin, origin + step
-        rule = self.propagation
-        while 0 <= index < len(self._masks) and index not in self._order:
-            neighbour = self._masks[previous]
-            seeds = rule.seeds(neighbour) if neighbour.any() else []
-            if not any(seed.label > 0 for seed in seeds):
-                break
-            predicted = self._predict(index, seeds)
-            if predicted is None:
-                break
-            mask, confidence = predicted
-            if rule.keep_connected:
-                mask = _connected_to(mask, neighbour)
-            if not rule.accepts(mask, neighbour, confidence):
-                break
+        ahead = slices_ahead(origin, step, len(self._masks), self._order)
+        changed, index = [], origin + step
+        for index, mask, seeds in propagate_line(self._predict, self._masks[origin], ahead, self.propagation):
             if self._set_propagated(index, mask, seeds, origin):
                 changed.append(index)
-            previous, index = index, index + step
+            index += step
         while 0 <= index < len(self._masks) and self._source.get(index) in chains:
             if self._set_propagated(index, None, None, origin):
                 changed.append(index)
@@ -468,6 +444,54 @@ class VolumeSession:
         else:
             self._seeds[index], self._source[index] = seeds, origin
         return differs
+
+
+def seeded_prediction(model, image: np.ndarray, seeds: list[Click]) -> tuple[np.ndarray, float] | None:
+    """One forward pass of ``model`` on a slice ``image`` (``(H, W)`` or ``(C, H, W)``, raw) with
+    ``seeds`` (slice pixels): ``(class map (H, W) uint8, mean foreground probability)``, or None for a
+    slice the model cannot take (constant, empty)."""
+    try:
+        prepared = model.prepare(image)
+    except InvalidImageError:
+        return None
+    working = [model.working_click(prepared, click) for click in seeds]
+    model.eval()
+    with torch.inference_mode():
+        probs = probabilities(prepared.logits_to_original(model.logits(prepared, working)))[0]
+    best = probs.max(dim=0)  # the class map (torch.argmax's indices, model.class_map) and its probabilities
+    foreground = best.indices > 0
+    confidence = float(best.values[foreground].mean()) if bool(foreground.any()) else 0.0
+    return best.indices.to(torch.uint8).cpu().numpy(), confidence
+
+
+def slices_ahead(origin: int, step: int, count: int, blocked: Container[int]) -> Iterator[int]:
+    """Slice indices from ``origin + step`` towards the end of a stack of ``count`` slices (``step``
+    +1: up, -1: down), up to (not including) the first ``blocked`` one: where a propagation may go."""
+    return itertools.takewhile(lambda index: index not in blocked, range(origin + step, count if step > 0 else -1, step))
+
+
+def propagate_line(predict: Callable[[int, list[Click]], "tuple[np.ndarray, float] | None"], origin_mask: np.ndarray,
+                   indices: Iterable[int], rule: Propagation) -> list[tuple[int, np.ndarray, list[Click]]]:
+    """Propagate ``origin_mask`` ``(H, W)`` through the slices ``indices``, in order, each seeded from
+    the one before (``rule.seeds``) and segmented by ``predict(index, seeds)``; stops at the first slice
+    the rule refuses, that has no seed or that ``predict`` cannot take. Returns ``(index, mask, seeds)``
+    of each slice propagated."""
+    propagated, neighbour = [], origin_mask
+    for index in indices:
+        seeds = rule.seeds(neighbour) if neighbour.any() else []
+        if not any(seed.label > 0 for seed in seeds):
+            break
+        predicted = predict(index, seeds)
+        if predicted is None:
+            break
+        mask, confidence = predicted
+        if rule.keep_connected:
+            mask = _connected_to(mask, neighbour)
+        if not rule.accepts(mask, neighbour, confidence):
+            break
+        propagated.append((index, mask, seeds))
+        neighbour = mask
+    return propagated
 
 
 def _connected_to(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Produce the shipped segmentation models (seeded; CPU). Run from the repository root:
-#   bash scripts/train_models.sh [demo|brain|brain-robust|fundus]...   (default: demo brain fundus)
+#   bash scripts/train_models.sh [demo|brain|brain-robust|fundus|fundus-robust]...   (default: demo brain fundus)
 # Training uses whole images (--crop 0): crops around the target teach the model that
 # everything bright in view is target, which over-segments full slices at inference.
 # Each model's card (Resources/Models/<name>.json) records this command and its sha256.
@@ -36,13 +36,20 @@ for m in "${models[@]}"; do
             # recipe was timed on a CPU without AVX512-BF16, where bfloat16 is emulated and 7x slower)
       $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset001_BraTS18_FLAIR" --dataset "$DATA/Dataset005_LGG_FLAIR" \
             --init Resources/Models/brain-lesion-flair.pt --normalization robust_percentile --augment scanner \
-            --intensity-remap 0.3 --working-size 160 --iterative 2 --steps 300 --lr 5e-4 --batch-size 8 --crop 0 \
+            --intensity-remap 0.3 --working-size 160 --iterative 2 --steps 2000 --lr 5e-4 --batch-size 8 --crop 0 \
             --seed 0 --no-resume --threads "$THREADS" ${BF16_ROBUST:-} --name brain-lesion-robust \
             --task "Brain tumour / FLAIR abnormality (whole) on axial MRI slices, any scanner scaling, skull on or off" \
             --out Resources/Models/brain-lesion-robust.pt ;;
     fundus) $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset003_DrishtiGS" --out Resources/Models/fundus-disc-cup.pt \
             --task "Optic disc rim and cup on disc-centred RGB fundus photographs" \
             --working-size 256 --steps 1000 --batch-size 6 --crop 0 --seed 0 --no-resume --threads 1 ;;
+    fundus-robust)  # fine-tunes the shipped fundus model on Drishti-GS imagesTr only (ORIGA stays an unseen site and
+            # camera), per-image per-channel robust_percentile normalisation, MONAI fundus camera augmentation; float32
+      $PY -m OAIMSSegment pretrain --dataset "$DATA/Dataset003_DrishtiGS" --init Resources/Models/fundus-disc-cup.pt \
+            --normalization robust_percentile --augment fundus --working-size 256 --steps 600 --lr 5e-4 \
+            --batch-size 6 --crop 0 --seed 0 --no-resume --threads "$THREADS" --name fundus-disc-cup-robust \
+            --task "Optic disc rim and cup on disc-centred RGB fundus photographs, any camera (colour, illumination, JPEG)" \
+            --out Resources/Models/fundus-disc-cup-robust.pt ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
   esac
 done

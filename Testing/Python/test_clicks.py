@@ -101,3 +101,26 @@ def test_stamp_clicks_sets_a_disk_to_the_click_class_and_nothing_else():
     assert int(labels.sum()) == 0  # the input is not modified
     only_pixel = stamp_clicks(torch.ones((5, 5), dtype=torch.long), [Click((0, 4), 0)], radius=0.0)
     assert int(only_pixel[0, 4]) == 0 and int(only_pixel.sum()) == 24
+
+
+def test_interior_point_on_the_bounding_box_is_the_whole_image_transform():
+    """Issue 21: the transform on the mask's padded bounding box gives the whole image's answer,
+    ties (first in array order) and masks touching the image edge included."""
+    from scipy import ndimage
+
+    from OAIMSSegment.clicks import interior_point
+
+    def whole_image(mask):
+        distance = ndimage.distance_transform_edt(np.pad(mask, 1))[tuple(slice(1, -1) for _ in mask.shape)]
+        return tuple(int(i) for i in np.unravel_index(int(np.argmax(distance)), mask.shape))
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((40, 50), bool), np.ones((12, 12), bool)]
+    for _ in range(40):
+        mask = ndimage.binary_opening(rng.random((40, 50)) > rng.uniform(0.3, 0.7))
+        masks.append(mask)
+    square = np.zeros((30, 30), bool)
+    square[0:6, 10:20] = True  # on the edge, many tied maxima
+    masks += [square, rng.random((8, 20, 20)) > 0.5]
+    for mask in masks:
+        assert interior_point(mask) == whole_image(mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -170,3 +171,19 @@ def test_pretrain_on_several_datasets_with_an_augmentation_recipe(tmp_path, caps
     assert main([*base, "--dataset", f"{first},{fundus}", "--out", str(tmp_path / "bad.pt")]) == 2
     assert "cannot be trained together" in capsys.readouterr().err
     assert not (tmp_path / "bad.pt").exists()
+
+
+
+def test_the_schedule_runs_for_every_short_probe_length():
+    """A 20-step probe used to die in OneCycleLR's warm-up (division by zero); every length must run."""
+    from OAIMSSegment.pretrain import one_cycle
+
+    for steps in range(1, 81):
+        optimizer = torch.optim.Adam(torch.nn.Linear(1, 1).parameters(), lr=1e-3)
+        schedule = one_cycle(optimizer, 1e-3, steps)
+        rates = []
+        for _ in range(steps - 1):
+            optimizer.step()
+            schedule.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        assert all(math.isfinite(rate) and 0 < rate <= 1e-3 + 1e-12 for rate in rates), steps

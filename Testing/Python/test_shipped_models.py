@@ -18,6 +18,7 @@ SHIPPED = {
     "brain-lesion-flair": "Dataset001_BraTS18_FLAIR",
     "brain-lesion-robust": "Dataset005_LGG_FLAIR",  # trained on BraTS18 + LGG FLAIR; checked on the larger collection
     "fundus-disc-cup": "Dataset003_DrishtiGS",
+    "fundus-disc-cup-robust": "Dataset003_DrishtiGS",  # fine-tuned on Drishti-GS imagesTr only
 }
 
 
@@ -45,7 +46,7 @@ def test_shipped_model_card_and_checksum(name):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name", ["brain-lesion-flair", "brain-lesion-robust", "fundus-disc-cup"])
+@pytest.mark.parametrize("name", ["brain-lesion-flair", "brain-lesion-robust", "fundus-disc-cup", "fundus-disc-cup-robust"])
 def test_shipped_model_segments_real_images(name):
     dataset = NnUNetDataset(require_shared_data(SHIPPED[name]))
     samples = [s for s in dataset.samples("Ts", min_foreground=300)]

@@ -191,6 +191,13 @@ def test_ctrl_z_undoes_the_click_its_mi_update_and_its_write_a_later_paint_strok
 
 def test_one_button_makes_a_segmentation_and_segment_on_the_editor_singleton(module, scene):
     volume = add_volume(scene, ball_volume((4, 16, 16)), np.eye(4), "MRI")
+    other = add_volume(scene, ball_volume((4, 16, 16)), np.eye(4), "CT")
+    assert mrml.shown_volume(scene) is None  # no view shows a volume yet: the inputs stay empty
+    red, yellow = (scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(2))
+    red.SetForegroundVolumeID(other.GetID())
+    assert mrml.shown_volume(scene) is other  # only a foreground volume is shown
+    yellow.SetBackgroundVolumeID(volume.GetID())
+    assert mrml.shown_volume(scene) is volume  # a background volume comes first, as in the Segment Editor
     editor = mrml.segment_editor_node(scene)
     assert mrml.segment_editor_node(scene) is editor and editor.GetSingletonTag() == "SegmentEditor"
     segmentation, segment_id = mrml.new_segmentation(scene, volume, "lesion")
@@ -215,6 +222,21 @@ def test_clicks_placed_while_a_job_runs_wait_and_join_the_same_image(setup):
     assert seen and not any(seen[0].values()), seen  # nothing enabled while the job runs
     assert controller.last["version"] == 1 and controller.last["slices"][0]["sliceIndex"] == 20
     assert controller.last["clicks"] == 2  # one image with both clicks, accepted after them
+
+
+def test_a_point_placed_right_after_accept_starts_the_next_segment_and_undo_takes_its_own_marker(setup):
+    logic, volume, *_ = setup
+    removed: list = []
+    controller = PanelController(logic, JobRunner(pump=lambda: None))
+    controller.click(world_of(volume, (28, 32, 20)), True, "Axial", Marker(lambda: removed.append("first")))
+    controller.accept()
+    assert removed == ["first"] and controller.last["version"] == 1
+    controller.click(world_of(volume, (28, 32, 20)), True, "Axial", Marker(lambda: removed.append("second")))
+    assert controller.last["newImage"] and controller.last["clicks"] == 1  # a new image, not a failure
+    controller.undo()
+    assert removed == ["first", "second"] and logic.session.clicks == []
+    controller.click(world_of(volume, (500, 500, 20)), True, "Axial", Marker(lambda: removed.append("outside")))
+    assert removed[-1] == "outside" and controller.steps == []  # a refused point goes, undo has nothing to take
 
 
 def test_site_and_store_fields_act_on_commit_and_create_nothing_while_typing(setup, tmp_path):
