@@ -20,7 +20,7 @@ for m in "${models[@]}"; do
            # extra click shifted the whole image's statistics and each background click grew the mask (BENCHMARKS 3)
       $PY -m OAIMSSegment pretrain --dataset synthetic --synthetic-n 400 --out Resources/Models/demo-synthetic-blobs.pt \
             --name demo-synthetic-blobs --task "Synthetic blobs (demo model; trained on the synthetic source site)" \
-            --channels 8,16,32,64 --norm none --steps 1200 --batch-size 8 --crop 0 --iterative 2 --adaptation-lr 1e-3 \
+            --channels 8,16,32,64 --norm none --steps 1200 --batch-size 8 --crop 0 --iterative 2 --adaptation-lr 2.5e-4 \
             --seed 0 --no-resume --threads "$THREADS" ;;
     brain)  # two stages, 43 min with one thread: 4,000 steps at 160 px (24 min), then 1,500 steps at the
             # native 240 px with random intensity curves (19 min); inference-style click rounds (--iterative) in both

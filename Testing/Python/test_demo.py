@@ -16,11 +16,13 @@ from OAIMSSegment.session import AdaptConfig
 
 
 def test_quick_demo_writes_every_part_and_the_figure(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    parts = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("demo", "demo-corrected", "demo-source")}
+    assert main(["demo", "--quick", "--paper-protocol", "--out", str(tmp_path)]) == 0
+    parts = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("demo", "demo-paper", "demo-source")}
     assert set(parts["demo"]["results"]) == set(parts["demo-source"]["results"]) == {"frozen", "pi", "pi+mi"}
-    assert set(parts["demo-corrected"]["results"]) == {"pi"}
-    assert parts["demo-corrected"]["protocol"]["accept_truth"] and not parts["demo"]["protocol"]["accept_truth"]
+    assert set(parts["demo-paper"]["results"]) == {"pi", "pi+mi"}
+    # the headline workflow accepts the corrected mask on both sites; the paper's protocol the model's own
+    assert parts["demo"]["protocol"]["accept_truth"] and parts["demo-source"]["protocol"]["accept_truth"]
+    assert not parts["demo-paper"]["protocol"]["accept_truth"]
     assert all(part["n_images"] == 6 and len(part["results"]["pi"]["dice"]) == 3 for part in parts.values())
     source, target = parts["demo-source"]["results"]["frozen"]["dice"], parts["demo"]["results"]["frozen"]["dice"]
     assert source[-1] > 0.85  # the pretrained model is good on its own site ...
