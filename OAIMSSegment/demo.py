@@ -46,7 +46,7 @@ SOURCE_SEED, TARGET_SEED, PANEL_SEED = 1000, 2000, 3000
 
 #: Sequence lengths: at the card's adaptation rate, which keeps the no-shift control within a
 #: point, the target site needs about this many accepts to show its gain (docs/BENCHMARKS.md section 3).
-TARGET_IMAGES, SOURCE_IMAGES = 96, 36
+TARGET_IMAGES, SOURCE_IMAGES = 84, 36
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -163,8 +163,8 @@ STYLES = {
     ("demo-source", "pi"): dict(color="0.55", linestyle="--", label="source site (no shift): PI"),
     ("demo-source", "pi+mi"): dict(color="0.55", linestyle="-.", label="source site (no shift): PI+MI"),
     ("demo", "frozen"): dict(color="black", label="target site: frozen"),
-    ("demo", "pi"): dict(color="tab:blue", label="target: PI"),
     ("demo", "pi+mi"): dict(color="tab:red", label="target: PI+MI"),
+    ("demo", "pi"): dict(color="tab:blue", linestyle="--", label="target: PI"),  # drawn over PI+MI, which it may hide
     ("demo-paper", "pi"): dict(color="tab:blue", linestyle=":", label="target: PI, own mask accepted (paper)"),
     ("demo-paper", "pi+mi"): dict(color="tab:red", linestyle=":", label="target: PI+MI, own mask accepted (paper)"),
 }
@@ -188,8 +188,9 @@ def plot_demo(summaries: dict[str, dict], panel: dict, path: Path) -> None:
     curves.set_xticks(range(1, clicks + 1))
     curves.set_xlabel("clicks")
     curves.set_ylabel("Dice (%), mean over the sequence")
-    curves.set_title(f"{summaries['demo']['n_images']} target, {summaries['demo-source']['n_images']} source images, one after "
-                     "the other; corrected mask accepted", fontsize=9)
+    accepted = "corrected mask accepted" + ("; dotted: own mask (paper)" if "demo-paper" in summaries else "")
+    curves.set_title(f"{summaries['demo']['n_images']} target, {summaries['demo-source']['n_images']} source images in turn; "
+                     f"{accepted}", fontsize=8)
     curves.grid(alpha=0.3)
     lowest = min(min(summaries[part]["results"][method]["dice"]) for part, method in shown)
     curves.set_ylim(max(0.0, 100 * lowest - 30), 101)  # room below the curves for the legend
