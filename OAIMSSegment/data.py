@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from OAIMSSegment.errors import DatasetError
 
@@ -189,48 +190,69 @@ def _read(path: Path) -> sitk.Image:
 # -- synthetic data ---------------------------------------------------------------------------
 
 
-def synthetic_sample(rng: np.random.Generator, domain: str = "source", size: int = 128) -> Sample:
-    """A synthetic image with three blobs, one of which is the target (in the spirit of the
-    synthetic disks of Wong et al.), in a ``"source"`` or a shifted ``"target"`` appearance.
+def _synthetic_scene(rng: np.random.Generator, size: int) -> tuple[list[np.ndarray], list[float]]:
+    """Three separate elliptic blobs (at least 2 px apart), of which the first is the target.
 
-    Source: blobs of random brightness on a dark background, little noise. Target (the "new
-    site"): the same kind of scene from a noisier scanner with an intensity bias field, so
-    blob edges and the contrast between touching blobs are much harder to read.
+    Returns:
+        ``blobs``: three ``(size, size)`` bool masks, and ``values``: their noise-free
+        brightness in [0.2, 1] (the target 0.55-1.0, each other blob at least 0.25 brighter or
+        darker than it; the background is 0).
+    """
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    while True:
+        blobs = []
+        for _ in range(3):
+            centre = rng.uniform(0.2 * size, 0.8 * size, 2)
+            radii = rng.uniform(0.08 * size, 0.18 * size, 2)
+            angle = rng.uniform(0, np.pi)
+            dr, dc = rows - centre[0], cols - centre[1]
+            u = dr * np.cos(angle) + dc * np.sin(angle)
+            v = -dr * np.sin(angle) + dc * np.cos(angle)
+            blobs.append((u / radii[0]) ** 2 + (v / radii[1]) ** 2 <= 1.0)
+        grown = [ndimage.binary_dilation(blob, iterations=2) for blob in blobs[:2]]
+        if not (grown[0] & (blobs[1] | blobs[2])).any() and not (grown[1] & blobs[2]).any():
+            break
+    target = rng.uniform(0.55, 1.0)
+    values = [target]
+    for _ in blobs[1:]:
+        value = rng.uniform(0.2, 1.0)
+        while abs(value - target) < 0.25:
+            value = rng.uniform(0.2, 1.0)
+        values.append(value)
+    return blobs, values
+
+
+#: Target site: width (pixels) of each blob's bright rim, and its core's brightness as a fraction of the rim's.
+TARGET_RIM_PX, TARGET_CORE_FRACTION = 3, 0.1
+
+
+def synthetic_sample(rng: np.random.Generator, domain: str = "source", size: int = 96) -> Sample:
+    """A synthetic image of three blobs, one of which is the target (in the spirit of the
+    synthetic disks of Wong et al.), as the ``"source"`` site or a shifted ``"target"`` site
+    sees it.
+
+    Source: uniformly bright blobs on a dark background, little noise. Target (the "new
+    site"): the same blobs are *ring-enhancing*, as lesions with a necrotic core on
+    contrast-enhanced MRI: a bright rim of :data:`TARGET_RIM_PX` pixels around a dark core
+    (:data:`TARGET_CORE_FRACTION` of the rim's brightness), and the whole blob, core included,
+    is the object. The geometry is drawn first, so one seed gives the same scene at both sites.
 
     Returns:
         :class:`Sample` with image ``(1, size, size)`` and label ``(size, size)`` in {0, 1}.
     """
     if domain not in ("source", "target"):
         raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
-    blobs = []
-    for _ in range(3):
-        centre = rng.uniform(0.2 * size, 0.8 * size, 2)
-        radii = rng.uniform(0.06 * size, 0.16 * size, 2)
-        angle = rng.uniform(0, np.pi)
-        dr, dc = rows - centre[0], cols - centre[1]
-        u = dr * np.cos(angle) + dc * np.sin(angle)
-        v = -dr * np.sin(angle) + dc * np.cos(angle)
-        blobs.append((u / radii[0]) ** 2 + (v / radii[1]) ** 2 <= 1.0)
-    label = blobs[0].copy()
-    for other in blobs[1:]:
-        label &= ~other  # the target is what is left of blob 0 where the others overlap it
-    if label.sum() < 20:
-        return synthetic_sample(rng, domain, size)
-    intensities = rng.uniform(0.5, 1.0, 3)
+    blobs, values = _synthetic_scene(rng, size)
     image = np.zeros((size, size), np.float32)
-    for blob, value in zip(blobs[::-1], intensities[::-1]):
+    for blob, value in zip(blobs, values):
         image[blob] = value
-    image[label] = intensities[0]
-    if domain == "target":
-        bias = 1.0 + 0.2 * np.sin(rows / size * np.pi * rng.uniform(0.5, 2)) * np.cos(cols / size * np.pi)
-        image = image * bias + 0.35 * rng.standard_normal((size, size)).astype(np.float32)
-    else:
-        image += 0.05 * rng.standard_normal((size, size)).astype(np.float32)
-    return Sample(image[None].astype(np.float32), label.astype(np.int64), f"synthetic-{domain}")
+        if domain == "target":
+            image[ndimage.binary_erosion(blob, iterations=TARGET_RIM_PX)] = TARGET_CORE_FRACTION * value
+    image = image + 0.05 * rng.standard_normal((size, size))
+    return Sample(image[None].astype(np.float32), blobs[0].astype(np.int64), f"synthetic-{domain}")
 
 
-def synthetic_samples(n: int, domain: str, seed: int, size: int = 128) -> list[Sample]:
+def synthetic_samples(n: int, domain: str, seed: int, size: int = 96) -> list[Sample]:
     """``n`` seeded synthetic samples of one domain."""
     rng = np.random.default_rng(seed)
     samples = [synthetic_sample(rng, domain, size) for _ in range(n)]

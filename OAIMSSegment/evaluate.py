@@ -47,12 +47,15 @@ class Protocol:
         wrong_fraction: probability that a click (after the first) is a wrong click.
         first_wrong: the first ``k`` clicks of every image are wrong.
         order: ``"random"`` (seeded) or ``"worst-first"`` (ascending frozen Dice after one click).
+        accept_truth: the clinician corrects the segment before *Accept*, so PI adapts on the
+            ground truth instead of the model's final prediction (the paper's protocol: False).
     """
 
     clicks: int = 10
     wrong_fraction: float = 0.0
     first_wrong: int = 0
     order: str = "random"
+    accept_truth: bool = False
 
 
 @dataclass
@@ -64,6 +67,7 @@ class MethodRun:
     mi_ms: list[float] = field(default_factory=list)
     pi_ms: list[float] = field(default_factory=list)
     accepted_updates: int = 0
+    model: ClickSegmenter | None = None  # the session's model after the sequence (adapted, unless frozen)
 
 
 def run_method(
@@ -105,13 +109,15 @@ def run_method(
             curve.append(mean_foreground(scores, labels))
             for name, value in scores.items():
                 per_class.setdefault(name, []).append(value)
-        accepted = session.accept() if site is None else site.accept().outcome
+        corrected = target if protocol.accept_truth else None
+        accepted = session.accept(corrected) if site is None else site.accept(corrected).outcome
         if accepted.applied:
             run.accepted_updates += 1
             run.pi_ms.append(accepted.latency_ms)
         run.dice.append(curve)
         for name, values in per_class.items():
             run.dice_per_class.setdefault(name, []).append(values)
+    run.model = session.model
     return run
 
 
@@ -141,8 +147,10 @@ def evaluate(
     seeds: Sequence[int],
     config: AdaptConfig | None = None,
     site: SiteSession | None = None,
+    runs: dict[str, list[MethodRun]] | None = None,
 ) -> dict:
-    """Run every method over the sequence for every seed; return the JSON-ready summary.
+    """Run every method over the sequence for every seed; return the JSON-ready summary
+    (and, when ``runs`` is given, put each method's :class:`MethodRun` per seed in it).
 
     Per method: ``dice`` (mean Dice after clicks 1..T, averaged over images, then seeds),
     ``dice_std`` (standard deviation over seeds), ``dice_per_class``, ``noc`` (``"80"``,
@@ -159,6 +167,8 @@ def evaluate(
     results: dict[str, dict] = {}
     for method in methods:
         per_seed = [run_method(model, method, orders[seed], protocol, config, seed, site=site) for seed in seeds]
+        if runs is not None:
+            runs[method] = per_seed
         curves = np.array([np.mean(run.dice, axis=0) for run in per_seed])  # seeds x clicks
         all_curves = np.concatenate([np.array(run.dice) for run in per_seed])
         names = list(per_seed[0].dice_per_class)

@@ -319,6 +319,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--working-size", type=types.working_size,
                         help=f"resize the longer image side to this, 16..{types.MAX_WORKING_SIZE} px (default: native)")
     parser.add_argument("--channels", type=types.int_list, default="16,32,64,128,256", help="U-Net channels per level")
+    parser.add_argument("--norm", choices=["instance", "none"], default="instance",
+                        help="U-Net normalisation layers; none: no normalisation, so a click's effect stays local "
+                        "(instance statistics spread every click over the whole image)")
     parser.add_argument("--steps", type=types.positive_int, default=PretrainConfig.steps)
     parser.add_argument("--batch-size", type=types.positive_int, default=PretrainConfig.batch_size)
     parser.add_argument("--lr", type=types.positive_float, default=PretrainConfig.lr)
@@ -353,7 +356,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ModelError(f"--average-last is a fraction of the steps in [0, 1], got {args.average_last}")
     name = args.name or Path(args.out).stem
     channels = args.channels
-    network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2, "norm": "instance"}
+    network = {"channels": channels, "strides": [2] * (len(channels) - 1), "num_res_units": 2,
+               "norm": None if args.norm == "none" else args.norm}
     folders = [part for value in args.dataset for part in value.split(",") if part]
     if folders == ["synthetic"]:
         samples = synthetic_samples(args.synthetic_n, "source", seed=args.seed)

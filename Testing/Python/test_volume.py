@@ -226,7 +226,11 @@ def test_slice_by_slice_workflow_counts_clicks(demo_model):
     session = InteractiveSession(demo_model, "frozen")
     assert slice_by_slice_clicks(session, volume, threshold=0.0) == 1
     clicks = slice_by_slice_clicks(session, volume, threshold=0.8, cap=60)
-    assert 8 <= clicks <= 60  # at least one click on most of the 11 slices holding the ellipsoid
+    # Slices are segmented largest first, each needs at least one click, and even perfect slices reach
+    # 3D Dice 0.8 only once they hold 2/3 of the volume (2 A / (A + total) >= 0.8)
+    areas = np.sort((label > 0).reshape(len(label), -1).sum(axis=1))[::-1]
+    fewest = int(np.searchsorted(np.cumsum(areas), 2 / 3 * areas.sum()) + 1)
+    assert fewest <= clicks < 60, (fewest, clicks)
     assert slice_by_slice_clicks(session, volume, threshold=1.01, slice_clicks=1, cap=500) == 500
 
 
