@@ -271,7 +271,8 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
         blocked = {index for a, index in self._worked if a == axis and index != origin}
         return self._queue(Job("propagate", slice_, step=step, inputs={
             "slices": self._volumeSlices[axis], "spacing": slice_.spacing, "origin": origin,
-            "origin_mask": slice_.read_classes(), "blocked": blocked, "rule": self.propagationRule}))
+            "origin_mask": slice_.read_classes(), "blocked": blocked, "rule": self.propagationRule,
+            "former": self._propagated.former(self._open)}))
 
     def prepareAccept(self) -> Job:
         """Main thread: queue accepting the segment: PI once per worked slice on what it holds now (and on each

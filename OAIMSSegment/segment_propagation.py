@@ -75,6 +75,10 @@ class PropagatedSlices:
             self._formers[key] = taken.origin
         return taken
 
+    def former(self, key: Key) -> Optional[int]:
+        """The origin whose propagation had reached worked slice ``key`` before it was worked on, or None."""
+        return self._formers.get(key)
+
     def chains(self, key: Key) -> Set[int]:
         """Origins whose earlier propagation a new propagation from ``key`` replaces."""
         former = self._formers.get(key)
@@ -91,7 +95,7 @@ class PropagatedSlices:
     def apply(self, step: PropagationStep, origin: int, propagated: Iterable[tuple], ends: Iterable[int],
               read: Callable[[int], np.ndarray], write: Callable[[int, np.ndarray], None]) -> List[int]:
         """Write a computed propagation: each ``(index, mask, seeds)`` of ``propagated``, then, from each
-        direction's end in ``ends`` (up, then down), clear the contiguous slices still propagated from
+        direction's end in ``ends`` (``(index, step)`` pairs), clear the contiguous slices still propagated from
         the replaced :meth:`chains`. ``read(index)`` / ``write(index, class map)`` act on the segment.
         Records what changed in ``step``; returns the indices of the slices whose content changed."""
         axis, chains = step.axis, self.chains((step.axis, origin))
@@ -100,7 +104,7 @@ class PropagatedSlices:
             if self._set(step, index, mask, read, write):
                 changed.add(index)
             self.slices[(axis, index)] = PropagatedSlice(np.asarray(mask, np.uint8), tuple(seeds), origin)
-        for end, direction in zip(ends, (1, -1)):
+        for end, direction in ends:
             index = end
             while (axis, index) in self.slices and self.slices[(axis, index)].origin in chains:
                 if self._set(step, index, None, read, write):

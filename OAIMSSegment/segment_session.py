@@ -191,14 +191,16 @@ class SegmentWork:
         return worked.grid.mask_from_model(mask)
 
     def propagate(self, slices: np.ndarray, spacing: Tuple[float, float], origin: int, origin_mask: np.ndarray,
-                  blocked: Set[int], rule=None) -> Tuple[list, list]:
+                  blocked: Set[int], rule=None, former: Optional[int] = None) -> Tuple[list, list]:
         """Propagate ``origin_mask`` ``(H, W)`` (what slice ``origin`` holds) up and down ``slices``
         ``(S, C, H, W)`` (raw, one axis of the volume; ``spacing`` their (row, col) mm) until the
         structure ends or a ``blocked`` slice (:func:`~OAIMSSegment.volume.propagate_line`, one forward
-        pass per slice at isotropic in-plane spacing, no adaptation). Returns ``([(index, mask, seeds),
-        ...], [index where each direction stopped])``; masks and seeds are in slice pixels."""
+        pass per slice at isotropic in-plane spacing, no adaptation); ``former``: the origin whose
+        propagation had reached ``origin`` (then only away from it, :func:`~OAIMSSegment.volume.propagation_steps`).
+        Returns ``([(index, mask, seeds), ...], [(index where a direction stopped, its step), ...])``;
+        masks and seeds are in slice pixels."""
         from OAIMSSegment.clicks import Click
-        from OAIMSSegment.volume import Propagation, propagate_line, seeded_prediction, slices_ahead
+        from OAIMSSegment.volume import Propagation, propagate_line, propagation_steps, seeded_prediction, slices_ahead
 
         grid = InPlaneGrid(tuple(np.shape(slices)[-2:]), tuple(float(s) for s in spacing))
         model = self.site.session.model
@@ -209,11 +211,11 @@ class SegmentWork:
             return None if predicted is None else (grid.mask_from_model(predicted[0]), predicted[1])
 
         propagated, ends = [], []
-        for step in (1, -1):
+        for step in propagation_steps(origin, former):
             line = propagate_line(predict, np.asarray(origin_mask), slices_ahead(origin, step, len(slices), blocked),
                                   rule or Propagation())
             propagated += line
-            ends.append((line[-1][0] if line else origin) + step)
+            ends.append(((line[-1][0] if line else origin) + step, step))
         return propagated, ends
 
     def accept(self, finals: Mapping[Hashable, np.ndarray], settings: Optional[tuple] = None,

@@ -406,12 +406,12 @@ class VolumeSession:
         return seeded_prediction(self.session.model, self._slices[index], seeds)
 
     def _propagate_from(self, origin: int, former: int | None = None) -> list[int]:
-        """Propagate both ways from ``origin``; ``former``: the worked slice that had propagated
-        into ``origin`` before it was worked on (its chain through ``origin`` is replaced too)."""
+        """Propagate from ``origin`` in :func:`propagation_steps`; ``former``: the worked slice that had
+        propagated into ``origin`` before it was worked on (its chain beyond ``origin`` is replaced too)."""
         chains = {origin} if former is None else {origin, former}
         changed: list[int] = []
         wall, cpu = time.perf_counter(), time.process_time()
-        for step in (1, -1):
+        for step in propagation_steps(origin, former):
             changed += self._propagate_direction(origin, step, chains)
         self.propagation_cost["seconds"] += time.perf_counter() - wall
         self.propagation_cost["cpu_seconds"] += time.process_time() - cpu
@@ -463,6 +463,17 @@ def seeded_prediction(model, image: np.ndarray, seeds: list[Click]) -> tuple[np.
     foreground = best.indices > 0
     confidence = float(best.values[foreground].mean()) if bool(foreground.any()) else 0.0
     return best.indices.to(torch.uint8).cpu().numpy(), confidence
+
+
+def propagation_steps(origin: int, former: int | None) -> tuple[int, ...]:
+    """The directions (+1 up, -1 down) to propagate a just-worked slice ``origin`` in: both, or, when a
+    propagation from the worked slice ``former`` had reached ``origin``, away from ``former`` only. The
+    slices between were derived from ``former``'s work and stay: a correction at a chain's far end
+    (typically a background click where the lesion tapers off) must not re-seed the whole chain from
+    that end (BENCHMARKS 10.9)."""
+    if former is None or former == origin:
+        return (1, -1)
+    return (1,) if origin > former else (-1,)
 
 
 def slices_ahead(origin: int, step: int, count: int, blocked: Container[int]) -> Iterator[int]:

@@ -87,13 +87,14 @@ def test_correction_on_a_propagated_slice_repropagates_and_accept_learns_from_wo
     assert first["propagatedSlices"] and 11 in first["propagatedSlices"], first
     after_first = export_segment(scene, segmentation, segment_id, volume)
     # A correction click on propagated slice 11 joins its seeds (one foreground seed + this click)
-    # and re-propagates outward from it, up to the worked slice 8 and not into it.
+    # and re-propagates away from the worked slice 8 whose propagation had reached it: slices 9 and 10,
+    # derived from slice 8, stay (volume.propagation_steps).
     correction = logic.addClick(world_of(volume, (5, 5, 11), parent), False, "Axial")
     assert correction["newImage"] and correction["clicks"] == 2, correction
     assert correction["adaptMs"] > 0  # not the slice's first click: an MI step
-    assert all(k > 8 for k in correction["propagatedSlices"])
+    assert all(k > 11 for k in correction["propagatedSlices"])
     segment = export_segment(scene, segmentation, segment_id, volume)
-    np.testing.assert_array_equal(segment[: 9], after_first[: 9])  # slice 8 and below untouched
+    np.testing.assert_array_equal(segment[: 11], after_first[: 11])  # slice 10 and below untouched
     assert logic.workedSlices == [(2, 8), (2, 11)]
     # One undo takes the correction back with the propagation that followed it, exactly.
     logic.undoClick()
