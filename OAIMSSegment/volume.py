@@ -234,7 +234,8 @@ class VolumeSession:
         The slice is re-segmented by the 2D session with its click set (the slice's earlier
         clicks, or the seed clicks that propagated it, then this click): with MI on, this click
         triggers one adaptation step unless it is the slice's first. With ``propagate`` the
-        result is propagated outward (:meth:`propagate`).
+        result is propagated onward (:func:`propagation_steps`: both ways, or on a propagated
+        slice away from the worked slice that had reached it).
         """
         self._require()
         index = self._slice(slice_index)
