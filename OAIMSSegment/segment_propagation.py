@@ -81,7 +81,7 @@ class PropagatedSlices:
 
     def chains(self, key: Key) -> Set[int]:
         """Origins whose earlier propagation a new propagation from ``key`` replaces."""
-        former = self._formers.get(key)
+        former = self.former(key)
         return {key[1]} if former is None else {key[1], former}
 
     def pop(self, clicks: int, joined: bool) -> Optional[PropagationStep]:
@@ -92,7 +92,7 @@ class PropagatedSlices:
             return None
         return self.steps.pop()
 
-    def apply(self, step: PropagationStep, origin: int, propagated: Iterable[tuple], ends: Iterable[int],
+    def apply(self, step: PropagationStep, origin: int, propagated: Iterable[tuple], ends: Iterable[Tuple[int, int]],
               read: Callable[[int], np.ndarray], write: Callable[[int, np.ndarray], None]) -> List[int]:
         """Write a computed propagation: each ``(index, mask, seeds)`` of ``propagated``, then, from each
         direction's end in ``ends`` (``(index, step)`` pairs), clear the contiguous slices still propagated from
