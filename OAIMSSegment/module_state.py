@@ -19,7 +19,8 @@ import numpy as np
 from OAIMSSegment.errors import OAIMSError
 
 __all__ = ["PanelController", "UndoStates", "EditorUndo", "Marker", "FieldCommit", "Job", "compute_job", "SHORTCUTS",
-           "CONTROLS", "SETTINGS", "status_text", "site_text", "model_entries", "segment_name", "INSTALL_ENTRY", "RESTART_QUESTION"]
+           "CONTROLS", "SETTINGS", "status_text", "site_text", "model_entries", "foreground_classes", "segment_name",
+           "INSTALL_ENTRY", "RESTART_QUESTION"]
 
 #: The panel's keyboard shortcuts, live while the module is shown: ``(key sequence, action, what it does)``.
 #: The Widget makes each a ``qt.QShortcut`` on Slicer's main window calling ``actions[action]``. Not F/B:
@@ -68,10 +69,16 @@ def model_entries(cards: List[dict], missing: List[str]) -> List[Tuple[str, str]
     return entries + [(f"{card['name']}: {card['task']}", card["name"]) for card in cards]
 
 
+def foreground_classes(card) -> List[Tuple[str, int]]:
+    """``(name, index)`` of a model card's foreground classes, by index (empty without a card)."""
+    labels = card.labels if card is not None else {}
+    return [(name, index) for name, index in sorted(labels.items(), key=lambda item: item[1]) if index]
+
+
 def segment_name(card) -> str:
     """Name of the segment *New segmentation* makes: the model's first foreground class (``"Segment"`` without a model)."""
-    names = [name for name, index in sorted(card.labels.items(), key=lambda item: item[1]) if index] if card else []
-    return names[0] if names else "Segment"
+    classes = foreground_classes(card)
+    return classes[0][0] if classes else "Segment"
 
 
 def site_text(info: dict) -> str:

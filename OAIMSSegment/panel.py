@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from OAIMSSegment import mrml
 from OAIMSSegment.errors import OAIMSError
-from OAIMSSegment.module_state import (CONTROLS, INSTALL_ENTRY, EditorUndo, Marker, PanelController, model_entries,
-                                       segment_name, site_text)
+from OAIMSSegment.module_state import (CONTROLS, INSTALL_ENTRY, EditorUndo, Marker, PanelController, foreground_classes,
+                                       model_entries, segment_name, site_text)
 
 __all__ = ["Panel", "Gui", "ClickPoints", "Read", "SIGNAL_ARG", "SIGNALS", "slot_arguments", "DISCARD_QUESTION",
            "RESET_QUESTION", "ARCHIVE_FILTER"]
@@ -283,8 +283,7 @@ class Panel:
 
     def classes(self) -> List[Tuple[str, int]]:
         """``(name, index)`` of the model's foreground classes, by index (empty without a model)."""
-        labels = self.logic.card.labels if self.logic.card is not None else {}
-        return [(name, index) for name, index in sorted(labels.items(), key=lambda item: item[1]) if index]
+        return foreground_classes(self.logic.card)
 
     def adapt(self, key: str, value) -> None:
         """An adaptation setting (``mi``, ``pi``, ``sigma``, ``beta``, ``lr``, ``clickLabel``) was changed."""
