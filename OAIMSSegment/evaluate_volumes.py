@@ -30,6 +30,7 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -121,8 +122,12 @@ def correction_click_3d(prediction: np.ndarray, target: np.ndarray, num_classes:
 
 
 def run_volumes(model: ClickSegmenter, method: str, volumes: list[Volume], interactions: int, config: AdaptConfig,
-                propagation: Propagation, learn_from_propagated: bool, progress: bool = True) -> VolumeRun:
-    """Segment ``volumes`` in order with a fresh copy of ``model`` adapted by ``method``."""
+                propagation: Propagation, learn_from_propagated: bool, progress: bool = True,
+                observe: Callable[[Volume, int, np.ndarray], None] | None = None) -> VolumeRun:
+    """Segment ``volumes`` in order with a fresh copy of ``model`` adapted by ``method``.
+
+    ``observe(volume, interaction, prediction (D, H, W))`` is called after every interaction
+    (0-based; diagnostics)."""
     session = VolumeSession(InteractiveSession(copy.deepcopy(model), method, config), propagation, learn_from_propagated)
     labels, num_classes = model.card.labels, model.card.num_classes
     run = VolumeRun()
@@ -138,6 +143,8 @@ def run_volumes(model: ClickSegmenter, method: str, volumes: list[Volume], inter
                 session.click(index, click.position, click.label)
                 prediction = session.volume_mask()
             curve.append(volume_dice(prediction, volume.label, labels))
+            if observe is not None:
+                observe(volume, t, prediction)
         session.accept()
         run.seconds.append(time.perf_counter() - started)
         run.dice.append(curve)

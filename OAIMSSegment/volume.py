@@ -68,6 +68,9 @@ class Propagation:
         min_overlap: stop when the Dice between the new mask and the neighbour's is below this.
         min_confidence: stop when the mean foreground probability over the new mask is below this.
         keep_connected: keep only the predicted components that overlap the neighbour's mask.
+        largest_only: seed from the neighbour's largest component only (per class).
+        within: keep only the predicted pixels at most this many pixels (Euclidean) from the
+            neighbour's mask (the neighbour as a prior on where the structure can be); None: anywhere.
     """
 
     seeding: str = "interior"
@@ -78,6 +81,9 @@ class Propagation:
     min_overlap: float = 0.6
     min_confidence: float = 0.0
     keep_connected: bool = False
+    largest_only: bool = False
+    within: float | None = None
+    background_drops_seeds: bool = False
 
     def __post_init__(self) -> None:
         if self.seeding not in SEEDINGS:
@@ -89,7 +95,10 @@ class Propagation:
         for k in np.unique(neighbour[neighbour > 0]):
             labelled, count = ndimage.label(neighbour == k, structure=np.ones((3, 3), bool))
             sizes = np.bincount(labelled.ravel(), minlength=count + 1)
-            for index in np.flatnonzero(sizes[1:] >= self.min_component) + 1:
+            large = np.flatnonzero(sizes[1:] >= self.min_component) + 1
+            if self.largest_only and len(large):
+                large = [int(np.argmax(sizes[1:])) + 1]
+            for index in large:
                 seeds.append(Click(interior_point(labelled == index), int(k)))
         if seeds and self.seeding == "interior+background":
             rows, cols = np.nonzero(neighbour > 0)
@@ -243,7 +252,10 @@ class VolumeSession:
         snapshot = self._snapshot()
         self._history.append(snapshot)
         try:
-            self._open_2d(index)
+            if label == 0 and index in self._seeds and self.propagation.background_drops_seeds:
+                self._replay(index, [])
+            else:
+                self._open_2d(index)
             result = self.session.add_click(position, label)
         except Exception:
             self._history.pop()
@@ -498,6 +510,8 @@ def propagate_line(predict: Callable[[int, list[Click]], "tuple[np.ndarray, floa
         if predicted is None:
             break
         mask, confidence = predicted
+        if rule.within is not None:
+            mask = np.where(ndimage.distance_transform_edt(neighbour == 0) <= rule.within, mask, 0).astype(mask.dtype)
         if rule.keep_connected:
             mask = _connected_to(mask, neighbour)
         if not rule.accepts(mask, neighbour, confidence):
