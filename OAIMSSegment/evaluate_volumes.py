@@ -123,12 +123,14 @@ def correction_click_3d(prediction: np.ndarray, target: np.ndarray, num_classes:
 
 def run_volumes(model: ClickSegmenter, method: str, volumes: list[Volume], interactions: int, config: AdaptConfig,
                 propagation: Propagation, learn_from_propagated: bool, progress: bool = True,
-                observe: Callable[[Volume, int, np.ndarray], None] | None = None) -> VolumeRun:
+                observe: Callable[[Volume, int, np.ndarray], None] | None = None,
+                refresh_after_adaptation: bool = False) -> VolumeRun:
     """Segment ``volumes`` in order with a fresh copy of ``model`` adapted by ``method``.
 
     ``observe(volume, interaction, prediction (D, H, W))`` is called after every interaction
     (0-based; diagnostics)."""
-    session = VolumeSession(InteractiveSession(copy.deepcopy(model), method, config), propagation, learn_from_propagated)
+    session = VolumeSession(InteractiveSession(copy.deepcopy(model), method, config), propagation, learn_from_propagated,
+                            refresh_after_adaptation)
     labels, num_classes = model.card.labels, model.card.num_classes
     run = VolumeRun()
     for volume in tqdm(volumes, desc=method, unit="vol", disable=not progress, leave=False):
@@ -232,7 +234,8 @@ def summarise(runs: list[VolumeRun]) -> dict:
 
 def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list[str], interactions: int,
                      seeds: list[int], config: AdaptConfig, propagation: Propagation,
-                     learn_from_propagated: bool = False, slice_by_slice: dict | None = None) -> dict:
+                     learn_from_propagated: bool = False, slice_by_slice: dict | None = None,
+                     refresh_after_adaptation: bool = False) -> dict:
     """Every method over the volume sequence (one seeded order per seed): ``{"results": {...}}``.
 
     ``slice_by_slice``: also run the 2D workflow, with these :func:`slice_by_slice_clicks` options."""
@@ -244,7 +247,8 @@ def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list
     for method in methods:
         runs = []
         for seed in seeds:
-            run = run_volumes(model, method, orders[seed], interactions, config, propagation, learn_from_propagated)
+            run = run_volumes(model, method, orders[seed], interactions, config, propagation, learn_from_propagated,
+                              refresh_after_adaptation=refresh_after_adaptation)
             if slice_by_slice is not None:
                 session, rng = InteractiveSession(copy.deepcopy(model), method, config), np.random.default_rng(seed)
                 run.slice_clicks = [slice_by_slice_clicks(session, volume, rng=rng, **slice_by_slice)
@@ -280,6 +284,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep-connected", action="store_true", default=defaults.keep_connected)
     parser.add_argument("--learn-from-propagated", action="store_true",
                         help="on accept, also adapt on propagated slices left unedited")
+    parser.add_argument("--refresh-after-adaptation", action="store_true",
+                        help="after a click's MI step, re-propagate from every other worked slice with the adapted weights")
     parser.add_argument("--slice-by-slice", action="store_true",
                         help="also count the clicks the 2D slice-by-slice workflow needs to reach 3D Dice 0.8")
     parser.add_argument("--slice-target", type=float, default=0.9, help="2D workflow: a slice is done at this Dice")
@@ -318,11 +324,13 @@ def _run(args: argparse.Namespace) -> int:
     summary: dict = {"results": {}}
     for method in methods:  # the JSON is rewritten after each method, so a long run keeps what it finished
         summary["results"].update(evaluate_volumes(model, volumes, [method], args.interactions, seeds, config,
-                                                   propagation, args.learn_from_propagated, slice_options)["results"])
+                                                   propagation, args.learn_from_propagated, slice_options,
+                                                   args.refresh_after_adaptation)["results"])
         summary.update({
             "n_volumes": len(volumes), "dataset": f"{dataset.name}/images{args.split}", "model": model.card.name,
             "seed": args.seed, "seeds": seeds, "axis": args.axis, "propagation": asdict(propagation),
-            "learn_from_propagated": args.learn_from_propagated, "config": asdict(config),
+            "learn_from_propagated": args.learn_from_propagated,
+            "refresh_after_adaptation": args.refresh_after_adaptation, "config": asdict(config),
             "slice_by_slice": slice_options, "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1),
         })
         atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")

@@ -131,6 +131,7 @@ class _Snapshot:
     clicks: dict[int, list[Click]]
     seeds: dict[int, list[Click]]
     source: dict[int, int]
+    formers: dict[int, int]
     edited: set[int]
     order: list[int]
     last: int | None
@@ -157,13 +158,16 @@ class VolumeSession:
         propagation: seeding and stopping rules.
         learn_from_propagated: on accept, also adapt on propagated slices the clinician left
             unedited (self-training on the model's own output; off by default, see BENCHMARKS).
+        refresh_after_adaptation: after a click's MI step, re-propagate from every other worked
+            slice with the adapted weights (docs/BENCHMARKS.md 10.10).
     """
 
     def __init__(self, session: InteractiveSession, propagation: Propagation | None = None,
-                 learn_from_propagated: bool = False) -> None:
+                 learn_from_propagated: bool = False, refresh_after_adaptation: bool = False) -> None:
         self.session = session
         self.propagation = propagation or Propagation()
         self.learn_from_propagated = learn_from_propagated
+        self.refresh_after_adaptation = refresh_after_adaptation
         #: Propagation cost since construction: forward passes, wall and CPU seconds (``bench`` figures).
         self.propagation_cost = {"slices": 0, "seconds": 0.0, "cpu_seconds": 0.0}
         self._slices: np.ndarray | None = None
@@ -208,6 +212,7 @@ class VolumeSession:
         self._clicks: dict[int, list[Click]] = {}
         self._seeds: dict[int, list[Click]] = {}
         self._source: dict[int, int] = {}
+        self._formers: dict[int, int] = {}  # worked slice -> the worked slice whose propagation had reached it
         self._edited: set[int] = set()
         self._order: list[int] = []
         self._history: list[_Snapshot] = []
@@ -263,7 +268,7 @@ class VolumeSession:
             raise
         self._clicks[index] = self.session.clicks
         self._seeds.pop(index, None)
-        former = self._source.pop(index, None)
+        former = self._work_on(index)
         self._edited.discard(index)
         if index not in self._order:
             self._order.append(index)
@@ -273,6 +278,8 @@ class VolumeSession:
         self._last = index
         if propagate:
             changed |= set(self._propagate_from(index, former))
+            if result.loss is not None and self.refresh_after_adaptation:
+                changed |= set(self._refresh(index))
         return sorted(changed)
 
     def propagate(self, slice_index: int | None = None) -> list[int]:
@@ -285,7 +292,7 @@ class VolumeSession:
         if index is None:
             raise SessionStateError("nothing to propagate: click or edit a slice first")
         self._history.append(self._snapshot())
-        return self._propagate_from(index)
+        return self._propagate_from(index, self._formers.get(index))
 
     def set_mask(self, slice_index: int, mask: np.ndarray, propagate: bool = False) -> list[int]:
         """The clinician edited a slice's mask (e.g. painted it): it becomes a worked slice."""
@@ -303,7 +310,7 @@ class VolumeSession:
         self._edited.add(index)
         self._seeds.pop(index, None)
         self._clicks.setdefault(index, [])
-        former = self._source.pop(index, None)
+        former = self._work_on(index)
         if index not in self._order:
             self._order.append(index)
         self._last = index
@@ -373,8 +380,8 @@ class VolumeSession:
 
     def _snapshot(self) -> _Snapshot:
         # Weights are captured before any change; masks are copied lazily by _remember.
-        return _Snapshot(self.session.state_dict(), {}, dict(self._clicks), dict(self._seeds),
-                         dict(self._source), set(self._edited), list(self._order), self._last)
+        return _Snapshot(self.session.state_dict(), {}, dict(self._clicks), dict(self._seeds), dict(self._source),
+                         dict(self._formers), set(self._edited), list(self._order), self._last)
 
     def _restore(self, snapshot: _Snapshot) -> None:
         self._close_2d()
@@ -382,7 +389,16 @@ class VolumeSession:
         for index, mask in snapshot.masks.items():
             self._masks[index] = mask
         self._clicks, self._seeds, self._source = snapshot.clicks, snapshot.seeds, snapshot.source
+        self._formers = snapshot.formers
         self._edited, self._order, self._last = snapshot.edited, snapshot.order, snapshot.last
+
+    def _work_on(self, index: int) -> int | None:
+        """Slice ``index`` becomes a worked slice: returns the worked slice whose propagation had
+        reached it (kept for its later clicks, as the Slicer Logic's ``PropagatedSlices.former``), or None."""
+        former = self._source.pop(index, None)
+        if former is not None:
+            self._formers[index] = former
+        return self._formers.get(index)
 
     def _remember(self, index: int) -> None:
         """Keep slice ``index``'s mask as it was before the current interaction (first change only)."""
@@ -429,6 +445,14 @@ class VolumeSession:
         self.propagation_cost["seconds"] += time.perf_counter() - wall
         self.propagation_cost["cpu_seconds"] += time.process_time() - cpu
         return sorted(changed)
+
+    def _refresh(self, adapted: int) -> list[int]:
+        """After an adaptation step on slice ``adapted``: re-propagate from every other worked slice
+        with the adapted weights, so that the step reaches the whole volume."""
+        changed: list[int] = []
+        for origin in [i for i in self._order if i != adapted]:
+            changed += self._propagate_from(origin, self._formers.get(origin))
+        return changed
 
     def _propagate_direction(self, origin: int, step: int, chains: set[int]) -> list[int]:
         """Propagate from ``origin`` towards ``origin + step, ...``; then clear what is left in
@@ -510,12 +534,12 @@ def propagate_line(predict: Callable[[int, list[Click]], "tuple[np.ndarray, floa
         if predicted is None:
             break
         mask, confidence = predicted
-        if rule.within is not None:
-            mask = np.where(ndimage.distance_transform_edt(neighbour == 0) <= rule.within, mask, 0).astype(mask.dtype)
         if rule.keep_connected:
             mask = _connected_to(mask, neighbour)
         if not rule.accepts(mask, neighbour, confidence):
             break
+        if rule.within is not None:  # after the stopping rule, which judges the model's own mask
+            mask = np.where(ndimage.distance_transform_edt(neighbour == 0) <= rule.within, mask, 0).astype(mask.dtype)
         propagated.append((index, mask, seeds))
         neighbour = mask
     return propagated

@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Propagation field (repeatable), e.g. min_overlap=0.5")
+    parser.add_argument("--refresh-after-adaptation", action="store_true")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -99,7 +100,7 @@ def main() -> int:
         row["interactions"].append(breakdown(prediction, volume.label))
 
     run_volumes(model, args.method, order, args.interactions, AdaptConfig().for_model(model.card), propagation,
-                False, progress=False, observe=observe)
+                False, progress=False, observe=observe, refresh_after_adaptation=args.refresh_after_adaptation)
     at = [t for t in (1, 3, 5) if t <= args.interactions]
     print(f"{'volume':<28}{'vox':>7}{'sl':>4}" + "".join(f"{f'd@{t}':>7}" for t in at)
           + "".join(f"{c:>8}" for c in CATEGORIES) + f"{'sl+':>5}{'sl-':>5}")
@@ -115,6 +116,7 @@ def main() -> int:
           + " | points lost at the last: " + " ".join(f"{c} {100 * v:.1f}" for c, v in lost.items()))
     atomic_write_text(args.json, json.dumps({"dataset": args.dataset, "split": args.split, "method": args.method,
                                               "model": args.model, "seed": args.seed, "propagation": fields,
+                                              "refresh_after_adaptation": args.refresh_after_adaptation,
                                               "mean_dice": mean, "mean_points_lost": lost, "volumes": rows},
                                              indent=1) + "\n")
     return 0
