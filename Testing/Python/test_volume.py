@@ -23,9 +23,12 @@ from OAIMSSegment.volume import Propagation, VolumeSession
 LABELS = {"background": 0, "blob": 1}
 
 
-def ellipsoid(depth: int = 16, centre: tuple[int, int, int] = (8, 30, 34), radii: tuple[int, int, int] = (5, 14, 12)):
-    """A ``(depth, 64, 64)`` volume with a bright ellipsoid in noise, and its mask."""
+def ellipsoid(depth: int = 16, centre: tuple[int, int, int] = (8, 30, 34), radii: tuple[int, int, int] = (5, 14, 12),
+              shear: float = 0.0):
+    """A ``(depth, 64, 64)`` volume with a bright ellipsoid in noise, and its mask; ``shear``: its
+    cross-sections' centre moves this many pixels along x per slice."""
     z, y, x = np.mgrid[0:depth, 0:64, 0:64]
+    x = x - shear * (z - centre[0])
     inside = sum(((g - c) / r) ** 2 for g, c, r in zip((z, y, x), centre, radii)) <= 1
     rng = np.random.default_rng(0)
     return (inside * 0.8 + 0.05 * rng.standard_normal(inside.shape)).astype(np.float32), inside.astype(np.int64)
@@ -114,6 +117,29 @@ def test_a_correction_on_a_propagated_slice_repropagates_away_from_its_origin_on
     assert changed and max(changed) <= end  # only the end itself and what lies beyond it
     assert np.array_equal(before[end + 1 :], after[end + 1 :])  # the chain from slice 8 to the end stays
     assert session.worked_slices == [8, end]
+
+
+def test_a_second_correction_on_that_slice_still_repropagates_away_from_its_origin_only(demo_model):
+    """Slice 10 stays part of slice 8's chain after its first click: a second click there must not
+    re-seed slice 9 from it either (it did, once the slice had become a worked one), and a
+    propagate() from it goes the same one way (the Slicer Logic's ``former``)."""
+    image, _ = ellipsoid(shear=2.0)  # each slice's seed differs with the slice it comes from
+    session = volume_session(demo_model, "frozen")
+    session.open(image)
+    session.click(8, (30, 34), 1)
+    end = 10
+    assert end in session.propagated_slices
+    session.click(end, (30, 38), 1)
+    before = session.volume_mask()
+    changed = session.click(end, (24, 36), 1)
+    assert changed and min(changed) >= end
+    assert np.array_equal(before[:end], session.volume_mask()[:end])
+    changed = session.propagate(end)
+    assert not changed or min(changed) > end
+    assert np.array_equal(before[:end], session.volume_mask()[:end])
+    session.undo()
+    session.undo()
+    assert np.array_equal(before, session.volume_mask())
 
 
 def test_undo_restores_slices_weights_and_optimizer_exactly(demo_model):
