@@ -39,6 +39,7 @@ from scipy import ndimage
 from OAIMSSegment.clicks import Click, interior_point, validate_click
 from OAIMSSegment.errors import InvalidClickError, InvalidImageError, SessionStateError
 from OAIMSSegment.model import probabilities, set_mode
+from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION
 from OAIMSSegment.session import AcceptResult, InteractiveSession
 
 #: Seeding strategies of :class:`Propagation`.
@@ -68,7 +69,6 @@ class Propagation:
         min_overlap: stop when the Dice between the new mask and the neighbour's is below this.
         min_confidence: stop when the mean foreground probability over the new mask is below this.
         keep_connected: keep only the predicted components that overlap the neighbour's mask.
-        largest_only: seed from the neighbour's largest component only (per class).
         within: keep only the predicted pixels at most this many pixels (Euclidean) from the
             neighbour's mask (the neighbour as a prior on where the structure can be); None: anywhere.
     """
@@ -81,9 +81,7 @@ class Propagation:
     min_overlap: float = 0.6
     min_confidence: float = 0.0
     keep_connected: bool = False
-    largest_only: bool = False
     within: float | None = None
-    background_drops_seeds: bool = False
 
     def __post_init__(self) -> None:
         if self.seeding not in SEEDINGS:
@@ -95,10 +93,7 @@ class Propagation:
         for k in np.unique(neighbour[neighbour > 0]):
             labelled, count = ndimage.label(neighbour == k, structure=np.ones((3, 3), bool))
             sizes = np.bincount(labelled.ravel(), minlength=count + 1)
-            large = np.flatnonzero(sizes[1:] >= self.min_component) + 1
-            if self.largest_only and len(large):
-                large = [int(np.argmax(sizes[1:])) + 1]
-            for index in large:
+            for index in np.flatnonzero(sizes[1:] >= self.min_component) + 1:
                 seeds.append(Click(interior_point(labelled == index), int(k)))
         if seeds and self.seeding == "interior+background":
             rows, cols = np.nonzero(neighbour > 0)
@@ -163,7 +158,7 @@ class VolumeSession:
     """
 
     def __init__(self, session: InteractiveSession, propagation: Propagation | None = None,
-                 learn_from_propagated: bool = False, refresh_after_adaptation: bool = False) -> None:
+                 learn_from_propagated: bool = False, refresh_after_adaptation: bool = REFRESH_AFTER_ADAPTATION) -> None:
         self.session = session
         self.propagation = propagation or Propagation()
         self.learn_from_propagated = learn_from_propagated
@@ -257,10 +252,7 @@ class VolumeSession:
         snapshot = self._snapshot()
         self._history.append(snapshot)
         try:
-            if label == 0 and index in self._seeds and self.propagation.background_drops_seeds:
-                self._replay(index, [])
-            else:
-                self._open_2d(index)
+            self._open_2d(index)
             result = self.session.add_click(position, label)
         except Exception:
             self._history.pop()

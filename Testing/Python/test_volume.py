@@ -142,6 +142,34 @@ def test_a_second_correction_on_that_slice_still_repropagates_away_from_its_orig
     assert np.array_equal(before, session.volume_mask())
 
 
+def test_an_mi_step_re_propagates_every_other_worked_slice_with_the_adapted_weights(demo_model):
+    """refresh_after_adaptation: slice 8's chain, below the correction on slice 11, is what a
+    propagation from slice 8 gives with the weights the correction's MI step adapted; off, it stays
+    as the old weights made it. Undo restores it."""
+    image, _ = ellipsoid(shear=1.0)
+    masks = {}
+    for refresh in (False, True):
+        session = volume_session(load_model("demo-synthetic-blobs"), lr=1e-2, refresh_after_adaptation=refresh)
+        session.open(image)
+        session.click(8, (30, 34), 1)
+        assert 11 in session.propagated_slices
+        before = session.volume_mask()
+        changed = session.click(11, (30, 37), 0)  # joins the slice's seeds: an MI step
+        masks[refresh] = session.volume_mask()
+        if not refresh:
+            assert min(changed) >= 11 and np.array_equal(before[:11], masks[refresh][:11])
+            continue
+        assert min(changed) < 8  # slice 8's chain changed, on both sides of it
+        assert np.array_equal(before[8], masks[refresh][8])  # a worked slice keeps its mask
+        replay = volume_session(session.session.model, "frozen")
+        replay.open(image)
+        replay.set_mask(8, before[8], propagate=True)
+        assert np.array_equal(replay.volume_mask()[:11], masks[refresh][:11])
+        session.undo()
+        assert np.array_equal(before, session.volume_mask())
+    assert not np.array_equal(masks[False][:11], masks[True][:11])
+
+
 def test_undo_restores_slices_weights_and_optimizer_exactly(demo_model):
     image, _ = ellipsoid()
     session = volume_session(demo_model)
