@@ -45,6 +45,7 @@ from OAIMSSegment.files import atomic_write_text
 from OAIMSSegment.metrics import class_dice, mean_foreground, number_of_clicks
 from OAIMSSegment.model import ClickSegmenter, load_model
 from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
+from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION
 from OAIMSSegment.volume import SEEDINGS, Propagation, VolumeSession
 
 #: Interactions the CVPR 2025 interactive 3D challenge scores (first prompt + 5 refinements).
@@ -282,9 +283,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-overlap", type=float, default=defaults.min_overlap)
     parser.add_argument("--min-confidence", type=float, default=defaults.min_confidence)
     parser.add_argument("--keep-connected", action="store_true", default=defaults.keep_connected)
+    parser.add_argument("--within", type=_pixels_or_none, default=defaults.within,
+                        help="keep a propagated mask within this many pixels of its neighbour's ('none': anywhere)")
     parser.add_argument("--learn-from-propagated", action="store_true",
                         help="on accept, also adapt on propagated slices left unedited")
-    parser.add_argument("--refresh-after-adaptation", action="store_true",
+    parser.add_argument("--refresh-after-adaptation", action=argparse.BooleanOptionalAction, default=REFRESH_AFTER_ADAPTATION,
                         help="after a click's MI step, re-propagate from every other worked slice with the adapted weights")
     parser.add_argument("--slice-by-slice", action="store_true",
                         help="also count the clicks the 2D slice-by-slice workflow needs to reach 3D Dice 0.8")
@@ -293,6 +296,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--slice-cap", type=int, default=400, help="2D workflow: clicks counted for a volume never reaching 0.8")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.set_defaults(func=_run)
+
+
+def _pixels_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected pixels >= 0 or 'none', got {text!r}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -313,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DatasetError(f"{dataset.name} images{args.split} holds no volume with foreground")
     propagation = Propagation(args.seeding, min_area_ratio=args.min_area_ratio, max_area_ratio=args.max_area_ratio,
                               min_overlap=args.min_overlap, min_confidence=args.min_confidence,
-                              keep_connected=args.keep_connected)
+                              keep_connected=args.keep_connected, within=args.within)
     config = AdaptConfig(lr=args.lr).for_model(model.card)
     seeds = list(range(args.seed, args.seed + args.seeds))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

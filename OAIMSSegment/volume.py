@@ -77,11 +77,11 @@ class Propagation:
     min_component: int = 10
     background_margin: int = 10
     min_area_ratio: float = 0.0
-    max_area_ratio: float = float("inf")
+    max_area_ratio: float = 1.5
     min_overlap: float = 0.6
     min_confidence: float = 0.0
     keep_connected: bool = False
-    within: float | None = None
+    within: float | None = 5.0
 
     def __post_init__(self) -> None:
         if self.seeding not in SEEDINGS:

@@ -31,6 +31,7 @@ from OAIMSSegment.data import NnUNetDataset  # noqa: E402
 from OAIMSSegment.evaluate_volumes import load_volumes, run_volumes  # noqa: E402
 from OAIMSSegment.files import atomic_write_text  # noqa: E402
 from OAIMSSegment.model import load_model  # noqa: E402
+from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION  # noqa: E402
 from OAIMSSegment.session import AdaptConfig  # noqa: E402
 from OAIMSSegment.volume import Propagation  # noqa: E402
 
@@ -78,7 +79,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Propagation field (repeatable), e.g. min_overlap=0.5")
-    parser.add_argument("--refresh-after-adaptation", action="store_true")
+    parser.add_argument("--refresh-after-adaptation", action=argparse.BooleanOptionalAction, default=REFRESH_AFTER_ADAPTATION)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def main() -> int:
     for item in args.set:
         name, _, value = item.partition("=")
         default = getattr(Propagation(), name)
-        fields[name] = value if isinstance(default, str) else (float if default is None else type(default))(json.loads(value.lower()))
+        fields[name] = value if isinstance(default, str) else (None if value.lower() == "none" else (float if default is None else type(default))(json.loads(value.lower())))
     propagation = Propagation(**fields)
     model = load_model(args.model)
     volumes = load_volumes(NnUNetDataset(args.dataset), args.split, "axial", args.max_volumes)
