@@ -531,10 +531,22 @@ def propagate_line(predict: Callable[[int, list[Click]], "tuple[np.ndarray, floa
         if not rule.accepts(mask, neighbour, confidence):
             break
         if rule.within is not None:  # after the stopping rule, which judges the model's own mask
-            mask = np.where(ndimage.distance_transform_edt(neighbour == 0) <= rule.within, mask, 0).astype(mask.dtype)
+            mask = _within(mask, neighbour, rule.within)
         propagated.append((index, mask, seeds))
         neighbour = mask
     return propagated
+
+
+def _within(mask: np.ndarray, reference: np.ndarray, pixels: float) -> np.ndarray:
+    """``mask`` ``(H, W)`` with only the pixels at most ``pixels`` (Euclidean) from ``reference``'s
+    foreground; the distance transform runs on ``reference``'s bounding box grown by that margin."""
+    rows, cols = np.nonzero(reference > 0)
+    margin = int(np.ceil(pixels)) + 1
+    box = (slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
+           slice(max(cols.min() - margin, 0), cols.max() + margin + 1))
+    near = np.zeros(mask.shape, bool)
+    near[box] = ndimage.distance_transform_edt(reference[box] == 0) <= pixels
+    return np.where(near, mask, 0).astype(mask.dtype)
 
 
 def _connected_to(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from OAIMSSegment.errors import InvalidClickError, InvalidImageError, SessionSta
 from OAIMSSegment.evaluate_volumes import Volume, correction_click_3d, first_click, slice_by_slice_clicks, volume_dice
 from OAIMSSegment.model import ClickSegmenter, load_model, save_model
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
-from OAIMSSegment.volume import Propagation, VolumeSession
+from OAIMSSegment.volume import Propagation, VolumeSession, propagate_line
 
 LABELS = {"background": 0, "blob": 1}
 
@@ -83,6 +83,25 @@ def test_without_a_stopping_rule_propagation_runs_past_the_structure(demo_model)
     session.open(image)
     session.click(8, (30, 34), 1)
     assert len(nonempty_slices(session.volume_mask())) > 11
+
+
+def test_the_default_rule_stops_at_a_mask_that_grows_past_half_again_and_keeps_masks_near_their_neighbour():
+    """Propagation's defaults (BENCHMARKS 10.10): a slice whose mask is over 1.5x its neighbour's ends
+    the chain (the model's blob around a seed past a small lesion's end), and a kept mask loses what
+    lies over 5 px from its neighbour's."""
+    neighbour = np.zeros((40, 40), np.uint8)
+    neighbour[10:20, 10:20] = 1  # 100 px
+    grown = np.zeros_like(neighbour)
+    grown[10:20, 10:20] = 1
+    grown[30:34, 30:34] = 1  # 16 px far away: 116 px in all, overlap 0.93
+    larger = np.zeros_like(neighbour)
+    larger[8:22, 8:22] = 1  # 196 px: 1.96x
+    outputs = {1: grown, 2: larger}
+    line = propagate_line(lambda index, seeds: (outputs[index], 0.9), neighbour, [1, 2], Propagation())
+    assert [index for index, _, _ in line] == [1]
+    np.testing.assert_array_equal(line[0][1], neighbour)  # the far pixels are gone
+    assert len(propagate_line(lambda index, seeds: (outputs[index], 0.9), neighbour, [1, 2],
+                              Propagation(max_area_ratio=float("inf"), within=None))) == 2
 
 
 def test_correction_repropagates_only_up_to_worked_slices(demo_model):
