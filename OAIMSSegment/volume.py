@@ -13,7 +13,9 @@ without a 3D network, on top of one :class:`~OAIMSSegment.session.InteractiveSes
   point of each component of the neighbour's mask, optionally background clicks around it)
   and runs one forward pass per slice, without adaptation. It stops at an empty or constant
   slice, or when a stopping rule fires (area ratio to the neighbour, overlap with it, mean
-  foreground probability). The defaults were chosen by measurement (docs/BENCHMARKS.md).
+  foreground probability), and keeps a mask near its neighbour's. The defaults were chosen by
+  measurement (docs/BENCHMARKS.md). After a click's MI step, the other worked slices are
+  re-propagated with the adapted weights (``refresh_after_adaptation``).
 * :meth:`~VolumeSession.undo` restores the slices *and* the weights and optimizer state an
   interaction changed, exactly.
 * :meth:`~VolumeSession.accept` runs Post-Interaction adaptation on each slice the clinician
@@ -51,10 +53,11 @@ class Propagation:
     """How a slice is seeded from its neighbour's mask and when propagation stops.
 
     The defaults (the interior click of each component, stop below 0.6 Dice overlap with the
-    neighbour) are the best of the alternatives measured for the shipped ``brain-lesion-robust``
-    on training-split volumes of three sets (docs/BENCHMARKS.md 10.7): without an overlap rule
-    the model draws a blob around the seed wherever it falls, so an "empty prediction" rule
-    never fires and propagation runs past the lesion's end.
+    neighbour or above 1.5x its area, keep what lies within 5 px of it) are the best of the
+    alternatives measured for the shipped ``brain-lesion-robust`` on training-split volumes
+    (docs/BENCHMARKS.md 10.7, 10.10): without an overlap rule the model draws a blob around the
+    seed wherever it falls, so an "empty prediction" rule never fires and propagation runs past
+    the lesion's end; past a small lesion's end that blob is larger than the lesion was.
 
     Attributes:
         seeding: ``"interior"``: one foreground click at the interior point (farthest from the
