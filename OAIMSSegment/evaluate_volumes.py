@@ -44,8 +44,8 @@ from OAIMSSegment.evaluate import plot_curves
 from OAIMSSegment.files import atomic_write_text
 from OAIMSSegment.metrics import class_dice, mean_foreground, number_of_clicks
 from OAIMSSegment.model import ClickSegmenter, load_model
-from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
 from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION
+from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
 from OAIMSSegment.volume import SEEDINGS, Propagation, VolumeSession
 
 #: Interactions the CVPR 2025 interactive 3D challenge scores (first prompt + 5 refinements).
@@ -125,7 +125,7 @@ def correction_click_3d(prediction: np.ndarray, target: np.ndarray, num_classes:
 def run_volumes(model: ClickSegmenter, method: str, volumes: list[Volume], interactions: int, config: AdaptConfig,
                 propagation: Propagation, learn_from_propagated: bool, progress: bool = True,
                 observe: Callable[[Volume, int, np.ndarray], None] | None = None,
-                refresh_after_adaptation: bool = False) -> VolumeRun:
+                refresh_after_adaptation: bool = REFRESH_AFTER_ADAPTATION) -> VolumeRun:
     """Segment ``volumes`` in order with a fresh copy of ``model`` adapted by ``method``.
 
     ``observe(volume, interaction, prediction (D, H, W))`` is called after every interaction
@@ -236,7 +236,7 @@ def summarise(runs: list[VolumeRun]) -> dict:
 def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list[str], interactions: int,
                      seeds: list[int], config: AdaptConfig, propagation: Propagation,
                      learn_from_propagated: bool = False, slice_by_slice: dict | None = None,
-                     refresh_after_adaptation: bool = False) -> dict:
+                     refresh_after_adaptation: bool = REFRESH_AFTER_ADAPTATION) -> dict:
     """Every method over the volume sequence (one seeded order per seed): ``{"results": {...}}``.
 
     ``slice_by_slice``: also run the 2D workflow, with these :func:`slice_by_slice_clicks` options."""
