@@ -31,7 +31,7 @@ from OAIMSSegment.logic_site import ModelSiteLogic
 from OAIMSSegment.module_state import DEFAULT_SITE, SETTINGS, SHORTCUTS, Job, compute_job
 from OAIMSSegment.panel import SIGNALS, Gui, Panel, slot_arguments
 from OAIMSSegment.runner import JobRunner
-from OAIMSSegment.segment_propagation import PropagatedSlices, PropagationStep
+from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION, PropagatedSlices, PropagationStep
 from OAIMSSegment.segment_session import SliceEdits
 
 #: Shipped proposal model for "propose next steps".
@@ -106,6 +106,10 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
         self.autoPropagate = False
         #: How propagation seeds a slice and when it stops (``OAIMSSegment.volume.Propagation``; None: its defaults).
         self.propagationRule = None
+        #: A propagation after a click that made an MI step also re-propagates from every other worked slice of its
+        #: axis with the adapted weights (``VolumeSession.refresh_after_adaptation``, docs/BENCHMARKS.md 10.10).
+        self.refreshAfterAdaptation = REFRESH_AFTER_ADAPTATION
+        self._clickAdapted = False  # the last click applied made an MI step
         self._work = None  # SegmentWork on the site (worker side)
         #: Called on the main thread just before a click writes its slice (the panel saves a Segment Editor undo state).
         self.beforeWrite: Callable[[], None] = lambda: None
@@ -268,11 +272,14 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
             self._volumeSlices[axis] = mrml.volume_slices(self.volumeNode, axis)
         step = PropagationStep(axis, self._queued[self._open], afterClick)
         self._propagated.steps.append(step)
-        blocked = {index for a, index in self._worked if a == axis and index != origin}
-        return self._queue(Job("propagate", slice_, step=step, inputs={
-            "slices": self._volumeSlices[axis], "spacing": slice_.spacing, "origin": origin,
-            "origin_mask": slice_.read_classes(), "blocked": blocked, "rule": self.propagationRule,
-            "former": self._propagated.former(self._open)}))
+        origins = [self._open]
+        if afterClick and self._clickAdapted and self.refreshAfterAdaptation:
+            origins += [key for key in self.workedSlices if key[0] == axis and key != self._open]
+        worked = {index for a, index in self._worked if a == axis}
+        inputs = [{"slices": self._volumeSlices[axis], "spacing": self._worked[key][0].spacing, "origin": key[1],
+                   "origin_mask": self._worked[key][0].read_classes(), "blocked": worked - {key[1]},
+                   "rule": self.propagationRule, "former": self._propagated.former(key)} for key in origins]
+        return self._queue(Job("propagate", slice_, step=step, inputs=inputs[0], refresh=inputs[1:]))
 
     def prepareAccept(self) -> Job:
         """Main thread: queue accepting the segment: PI once per worked slice on what it holds now (and on each
@@ -325,14 +332,18 @@ class OAIMSSegmentLogic(ScriptedLoadableModuleLogic, ModelSiteLogic):
             raise job.error
         self._removeProposalSegments()
         if job.kind == "click":
+            self._clickAdapted = job.report["loss"] is not None
             merged = job.edits.merge(job.mask, job.slice.read_classes(), job.location.position)
             self.beforeWrite()
             job.slice.write(merged)
         elif job.kind == "propagate":
             if not job.step.joined:
                 self.beforeWrite()
-            job.report["slices"] = self._propagated.apply(job.step, job.report["origin"], job.propagated, job.ends,
-                                                          *self._sliceAccess(job.step.axis))
+            changed = set(self._propagated.apply(job.step, job.report["origin"], job.propagated, job.ends,
+                                                 *self._sliceAccess(job.step.axis)))
+            for origin, propagated, ends in job.refreshed:
+                changed |= set(self._propagated.apply(job.step, origin, propagated, ends, *self._sliceAccess(job.step.axis)))
+            job.report["slices"] = sorted(changed)
         elif job.kind == "undo":
             if job.slice is not None:
                 content = job.edits.undo()

@@ -30,6 +30,7 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from OAIMSSegment.evaluate import plot_curves
 from OAIMSSegment.files import atomic_write_text
 from OAIMSSegment.metrics import class_dice, mean_foreground, number_of_clicks
 from OAIMSSegment.model import ClickSegmenter, load_model
+from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION
 from OAIMSSegment.session import METHODS, AdaptConfig, InteractiveSession
 from OAIMSSegment.volume import SEEDINGS, Propagation, VolumeSession
 
@@ -121,9 +123,15 @@ def correction_click_3d(prediction: np.ndarray, target: np.ndarray, num_classes:
 
 
 def run_volumes(model: ClickSegmenter, method: str, volumes: list[Volume], interactions: int, config: AdaptConfig,
-                propagation: Propagation, learn_from_propagated: bool, progress: bool = True) -> VolumeRun:
-    """Segment ``volumes`` in order with a fresh copy of ``model`` adapted by ``method``."""
-    session = VolumeSession(InteractiveSession(copy.deepcopy(model), method, config), propagation, learn_from_propagated)
+                propagation: Propagation, learn_from_propagated: bool, progress: bool = True,
+                observe: Callable[[Volume, int, np.ndarray], None] | None = None,
+                refresh_after_adaptation: bool = REFRESH_AFTER_ADAPTATION) -> VolumeRun:
+    """Segment ``volumes`` in order with a fresh copy of ``model`` adapted by ``method``.
+
+    ``observe(volume, interaction, prediction (D, H, W))`` is called after every interaction
+    (0-based; diagnostics)."""
+    session = VolumeSession(InteractiveSession(copy.deepcopy(model), method, config), propagation, learn_from_propagated,
+                            refresh_after_adaptation)
     labels, num_classes = model.card.labels, model.card.num_classes
     run = VolumeRun()
     for volume in tqdm(volumes, desc=method, unit="vol", disable=not progress, leave=False):
@@ -138,6 +146,8 @@ def run_volumes(model: ClickSegmenter, method: str, volumes: list[Volume], inter
                 session.click(index, click.position, click.label)
                 prediction = session.volume_mask()
             curve.append(volume_dice(prediction, volume.label, labels))
+            if observe is not None:
+                observe(volume, t, prediction)
         session.accept()
         run.seconds.append(time.perf_counter() - started)
         run.dice.append(curve)
@@ -225,7 +235,8 @@ def summarise(runs: list[VolumeRun]) -> dict:
 
 def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list[str], interactions: int,
                      seeds: list[int], config: AdaptConfig, propagation: Propagation,
-                     learn_from_propagated: bool = False, slice_by_slice: dict | None = None) -> dict:
+                     learn_from_propagated: bool = False, slice_by_slice: dict | None = None,
+                     refresh_after_adaptation: bool = REFRESH_AFTER_ADAPTATION) -> dict:
     """Every method over the volume sequence (one seeded order per seed): ``{"results": {...}}``.
 
     ``slice_by_slice``: also run the 2D workflow, with these :func:`slice_by_slice_clicks` options."""
@@ -237,7 +248,8 @@ def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list
     for method in methods:
         runs = []
         for seed in seeds:
-            run = run_volumes(model, method, orders[seed], interactions, config, propagation, learn_from_propagated)
+            run = run_volumes(model, method, orders[seed], interactions, config, propagation, learn_from_propagated,
+                              refresh_after_adaptation=refresh_after_adaptation)
             if slice_by_slice is not None:
                 session, rng = InteractiveSession(copy.deepcopy(model), method, config), np.random.default_rng(seed)
                 run.slice_clicks = [slice_by_slice_clicks(session, volume, rng=rng, **slice_by_slice)
@@ -271,8 +283,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-overlap", type=float, default=defaults.min_overlap)
     parser.add_argument("--min-confidence", type=float, default=defaults.min_confidence)
     parser.add_argument("--keep-connected", action="store_true", default=defaults.keep_connected)
+    parser.add_argument("--within", type=_pixels_or_none, default=defaults.within,
+                        help="keep a propagated mask within this many pixels of its neighbour's ('none': anywhere)")
     parser.add_argument("--learn-from-propagated", action="store_true",
                         help="on accept, also adapt on propagated slices left unedited")
+    parser.add_argument("--refresh-after-adaptation", action=argparse.BooleanOptionalAction, default=REFRESH_AFTER_ADAPTATION,
+                        help="after a click's MI step, re-propagate from every other worked slice with the adapted weights")
     parser.add_argument("--slice-by-slice", action="store_true",
                         help="also count the clicks the 2D slice-by-slice workflow needs to reach 3D Dice 0.8")
     parser.add_argument("--slice-target", type=float, default=0.9, help="2D workflow: a slice is done at this Dice")
@@ -280,6 +296,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--slice-cap", type=int, default=400, help="2D workflow: clicks counted for a volume never reaching 0.8")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.set_defaults(func=_run)
+
+
+def _pixels_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected pixels >= 0 or 'none', got {text!r}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -300,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DatasetError(f"{dataset.name} images{args.split} holds no volume with foreground")
     propagation = Propagation(args.seeding, min_area_ratio=args.min_area_ratio, max_area_ratio=args.max_area_ratio,
                               min_overlap=args.min_overlap, min_confidence=args.min_confidence,
-                              keep_connected=args.keep_connected)
+                              keep_connected=args.keep_connected, within=args.within)
     config = AdaptConfig(lr=args.lr).for_model(model.card)
     seeds = list(range(args.seed, args.seed + args.seeds))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -311,11 +336,13 @@ def _run(args: argparse.Namespace) -> int:
     summary: dict = {"results": {}}
     for method in methods:  # the JSON is rewritten after each method, so a long run keeps what it finished
         summary["results"].update(evaluate_volumes(model, volumes, [method], args.interactions, seeds, config,
-                                                   propagation, args.learn_from_propagated, slice_options)["results"])
+                                                   propagation, args.learn_from_propagated, slice_options,
+                                                   args.refresh_after_adaptation)["results"])
         summary.update({
             "n_volumes": len(volumes), "dataset": f"{dataset.name}/images{args.split}", "model": model.card.name,
             "seed": args.seed, "seeds": seeds, "axis": args.axis, "propagation": asdict(propagation),
-            "learn_from_propagated": args.learn_from_propagated, "config": asdict(config),
+            "learn_from_propagated": args.learn_from_propagated,
+            "refresh_after_adaptation": args.refresh_after_adaptation, "config": asdict(config),
             "slice_by_slice": slice_options, "threads": torch.get_num_threads(), "wall_s": round(time.time() - started, 1),
         })
         atomic_write_text(args.json, json.dumps(summary, indent=1) + "\n")

@@ -108,6 +108,8 @@ class Job:
     seeds: tuple = ()  # click on a propagated slice: the seeds it was propagated with (they join the click)
     step: Any = None  # propagate, or an undo that takes one back: its PropagationStep
     inputs: dict = field(default_factory=dict)  # propagate: SegmentWork.propagate's arguments
+    refresh: list = field(default_factory=list)  # propagate after an MI step: those arguments for every other worked slice
+    refreshed: list = field(default_factory=list)  # and [(origin, propagated, ends)] computed from them
     propagated: list = field(default_factory=list)  # propagate: [(index, mask, seeds)] computed
     ends: list = field(default_factory=list)  # propagate: where each direction stopped
     report: dict = field(default_factory=dict)
@@ -131,6 +133,7 @@ def compute_job(work, job: Job) -> Job:
         elif job.kind == "propagate":
             started = time.perf_counter()
             job.propagated, job.ends = work.propagate(**job.inputs)
+            job.refreshed = [(inputs["origin"], *work.propagate(**inputs)) for inputs in job.refresh]
             job.report = {"latencyMs": (time.perf_counter() - started) * 1000.0, "sliceAxis": "IJK"[job.step.axis],
                           "origin": job.inputs["origin"]}
         elif job.kind == "undo":

@@ -16,9 +16,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 
-__all__ = ["PropagatedSlice", "PropagationStep", "PropagatedSlices"]
+__all__ = ["REFRESH_AFTER_ADAPTATION", "PropagatedSlice", "PropagationStep", "PropagatedSlices"]
 
 Key = Tuple[int, int]  # (IJK axis, slice index)
+
+#: Whether the propagation after a click that made an MI step also re-propagates from every other worked
+#: slice with the adapted weights (the volume session's and the Logic's default; docs/BENCHMARKS.md 10.10).
+REFRESH_AFTER_ADAPTATION = True
 
 
 @dataclass(frozen=True)

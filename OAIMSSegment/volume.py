@@ -13,7 +13,9 @@ without a 3D network, on top of one :class:`~OAIMSSegment.session.InteractiveSes
   point of each component of the neighbour's mask, optionally background clicks around it)
   and runs one forward pass per slice, without adaptation. It stops at an empty or constant
   slice, or when a stopping rule fires (area ratio to the neighbour, overlap with it, mean
-  foreground probability). The defaults were chosen by measurement (docs/BENCHMARKS.md).
+  foreground probability), and keeps a mask near its neighbour's. The defaults were chosen by
+  measurement (docs/BENCHMARKS.md). After a click's MI step, the other worked slices are
+  re-propagated with the adapted weights (``refresh_after_adaptation``).
 * :meth:`~VolumeSession.undo` restores the slices *and* the weights and optimizer state an
   interaction changed, exactly.
 * :meth:`~VolumeSession.accept` runs Post-Interaction adaptation on each slice the clinician
@@ -39,6 +41,7 @@ from scipy import ndimage
 from OAIMSSegment.clicks import Click, interior_point, validate_click
 from OAIMSSegment.errors import InvalidClickError, InvalidImageError, SessionStateError
 from OAIMSSegment.model import probabilities, set_mode
+from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION
 from OAIMSSegment.session import AcceptResult, InteractiveSession
 
 #: Seeding strategies of :class:`Propagation`.
@@ -50,10 +53,11 @@ class Propagation:
     """How a slice is seeded from its neighbour's mask and when propagation stops.
 
     The defaults (the interior click of each component, stop below 0.6 Dice overlap with the
-    neighbour) are the best of the alternatives measured for the shipped ``brain-lesion-robust``
-    on training-split volumes of three sets (docs/BENCHMARKS.md 10.7): without an overlap rule
-    the model draws a blob around the seed wherever it falls, so an "empty prediction" rule
-    never fires and propagation runs past the lesion's end.
+    neighbour or above 1.5x its area, keep what lies within 5 px of it) are the best of the
+    alternatives measured for the shipped ``brain-lesion-robust`` on training-split volumes
+    (docs/BENCHMARKS.md 10.7, 10.10): without an overlap rule the model draws a blob around the
+    seed wherever it falls, so an "empty prediction" rule never fires and propagation runs past
+    the lesion's end; past a small lesion's end that blob is larger than the lesion was.
 
     Attributes:
         seeding: ``"interior"``: one foreground click at the interior point (farthest from the
@@ -68,16 +72,19 @@ class Propagation:
         min_overlap: stop when the Dice between the new mask and the neighbour's is below this.
         min_confidence: stop when the mean foreground probability over the new mask is below this.
         keep_connected: keep only the predicted components that overlap the neighbour's mask.
+        within: keep only the predicted pixels at most this many pixels (Euclidean) from the
+            neighbour's mask (the neighbour as a prior on where the structure can be); None: anywhere.
     """
 
     seeding: str = "interior"
     min_component: int = 10
     background_margin: int = 10
     min_area_ratio: float = 0.0
-    max_area_ratio: float = float("inf")
+    max_area_ratio: float = 1.5
     min_overlap: float = 0.6
     min_confidence: float = 0.0
     keep_connected: bool = False
+    within: float | None = 5.0
 
     def __post_init__(self) -> None:
         if self.seeding not in SEEDINGS:
@@ -122,6 +129,7 @@ class _Snapshot:
     clicks: dict[int, list[Click]]
     seeds: dict[int, list[Click]]
     source: dict[int, int]
+    formers: dict[int, int]
     edited: set[int]
     order: list[int]
     last: int | None
@@ -148,13 +156,16 @@ class VolumeSession:
         propagation: seeding and stopping rules.
         learn_from_propagated: on accept, also adapt on propagated slices the clinician left
             unedited (self-training on the model's own output; off by default, see BENCHMARKS).
+        refresh_after_adaptation: after a click's MI step, re-propagate from every other worked
+            slice with the adapted weights (docs/BENCHMARKS.md 10.10).
     """
 
     def __init__(self, session: InteractiveSession, propagation: Propagation | None = None,
-                 learn_from_propagated: bool = False) -> None:
+                 learn_from_propagated: bool = False, refresh_after_adaptation: bool = REFRESH_AFTER_ADAPTATION) -> None:
         self.session = session
         self.propagation = propagation or Propagation()
         self.learn_from_propagated = learn_from_propagated
+        self.refresh_after_adaptation = refresh_after_adaptation
         #: Propagation cost since construction: forward passes, wall and CPU seconds (``bench`` figures).
         self.propagation_cost = {"slices": 0, "seconds": 0.0, "cpu_seconds": 0.0}
         self._slices: np.ndarray | None = None
@@ -199,6 +210,7 @@ class VolumeSession:
         self._clicks: dict[int, list[Click]] = {}
         self._seeds: dict[int, list[Click]] = {}
         self._source: dict[int, int] = {}
+        self._formers: dict[int, int] = {}  # worked slice -> the worked slice whose propagation had reached it
         self._edited: set[int] = set()
         self._order: list[int] = []
         self._history: list[_Snapshot] = []
@@ -251,7 +263,7 @@ class VolumeSession:
             raise
         self._clicks[index] = self.session.clicks
         self._seeds.pop(index, None)
-        former = self._source.pop(index, None)
+        former = self._work_on(index)
         self._edited.discard(index)
         if index not in self._order:
             self._order.append(index)
@@ -261,6 +273,8 @@ class VolumeSession:
         self._last = index
         if propagate:
             changed |= set(self._propagate_from(index, former))
+            if result.loss is not None and self.refresh_after_adaptation:
+                changed |= set(self._refresh(index))
         return sorted(changed)
 
     def propagate(self, slice_index: int | None = None) -> list[int]:
@@ -273,7 +287,7 @@ class VolumeSession:
         if index is None:
             raise SessionStateError("nothing to propagate: click or edit a slice first")
         self._history.append(self._snapshot())
-        return self._propagate_from(index)
+        return self._propagate_from(index, self._formers.get(index))
 
     def set_mask(self, slice_index: int, mask: np.ndarray, propagate: bool = False) -> list[int]:
         """The clinician edited a slice's mask (e.g. painted it): it becomes a worked slice."""
@@ -291,7 +305,7 @@ class VolumeSession:
         self._edited.add(index)
         self._seeds.pop(index, None)
         self._clicks.setdefault(index, [])
-        former = self._source.pop(index, None)
+        former = self._work_on(index)
         if index not in self._order:
             self._order.append(index)
         self._last = index
@@ -361,8 +375,8 @@ class VolumeSession:
 
     def _snapshot(self) -> _Snapshot:
         # Weights are captured before any change; masks are copied lazily by _remember.
-        return _Snapshot(self.session.state_dict(), {}, dict(self._clicks), dict(self._seeds),
-                         dict(self._source), set(self._edited), list(self._order), self._last)
+        return _Snapshot(self.session.state_dict(), {}, dict(self._clicks), dict(self._seeds), dict(self._source),
+                         dict(self._formers), set(self._edited), list(self._order), self._last)
 
     def _restore(self, snapshot: _Snapshot) -> None:
         self._close_2d()
@@ -370,7 +384,16 @@ class VolumeSession:
         for index, mask in snapshot.masks.items():
             self._masks[index] = mask
         self._clicks, self._seeds, self._source = snapshot.clicks, snapshot.seeds, snapshot.source
+        self._formers = snapshot.formers
         self._edited, self._order, self._last = snapshot.edited, snapshot.order, snapshot.last
+
+    def _work_on(self, index: int) -> int | None:
+        """Slice ``index`` becomes a worked slice: returns the worked slice whose propagation had
+        reached it (kept for its later clicks, as the Slicer Logic's ``PropagatedSlices.former``), or None."""
+        former = self._source.pop(index, None)
+        if former is not None:
+            self._formers[index] = former
+        return self._formers.get(index)
 
     def _remember(self, index: int) -> None:
         """Keep slice ``index``'s mask as it was before the current interaction (first change only)."""
@@ -417,6 +440,14 @@ class VolumeSession:
         self.propagation_cost["seconds"] += time.perf_counter() - wall
         self.propagation_cost["cpu_seconds"] += time.process_time() - cpu
         return sorted(changed)
+
+    def _refresh(self, adapted: int) -> list[int]:
+        """After an adaptation step on slice ``adapted``: re-propagate from every other worked slice
+        with the adapted weights, so that the step reaches the whole volume."""
+        changed: list[int] = []
+        for origin in [i for i in self._order if i != adapted]:
+            changed += self._propagate_from(origin, self._formers.get(origin))
+        return changed
 
     def _propagate_direction(self, origin: int, step: int, chains: set[int]) -> list[int]:
         """Propagate from ``origin`` towards ``origin + step, ...``; then clear what is left in
@@ -502,9 +533,23 @@ def propagate_line(predict: Callable[[int, list[Click]], "tuple[np.ndarray, floa
             mask = _connected_to(mask, neighbour)
         if not rule.accepts(mask, neighbour, confidence):
             break
+        if rule.within is not None:  # after the stopping rule, which judges the model's own mask
+            mask = _within(mask, neighbour, rule.within)
         propagated.append((index, mask, seeds))
         neighbour = mask
     return propagated
+
+
+def _within(mask: np.ndarray, reference: np.ndarray, pixels: float) -> np.ndarray:
+    """``mask`` ``(H, W)`` with only the pixels at most ``pixels`` (Euclidean) from ``reference``'s
+    foreground; the distance transform runs on ``reference``'s bounding box grown by that margin."""
+    rows, cols = np.nonzero(reference > 0)
+    margin = int(np.ceil(pixels)) + 1
+    box = (slice(max(rows.min() - margin, 0), rows.max() + margin + 1),
+           slice(max(cols.min() - margin, 0), cols.max() + margin + 1))
+    near = np.zeros(mask.shape, bool)
+    near[box] = ndimage.distance_transform_edt(reference[box] == 0) <= pixels
+    return np.where(near, mask, 0).astype(mask.dtype)
 
 
 def _connected_to(mask: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -82,13 +82,13 @@ def test_propagate_fills_the_structure_in_the_view_axis_and_undo_restores_the_se
 
 def test_correction_on_a_propagated_slice_repropagates_and_accept_learns_from_worked_slices(oblique, scene):
     logic, volume, parent, segmentation, segment_id, truth = oblique
-    logic.autoPropagate = True
+    logic.autoPropagate, logic.refreshAfterAdaptation = True, False
     first = logic.addClick(world_of(volume, (34, 30, 8), parent), True, "Axial")
     assert first["propagatedSlices"] and 11 in first["propagatedSlices"], first
     after_first = export_segment(scene, segmentation, segment_id, volume)
     # A correction click on propagated slice 11 joins its seeds (one foreground seed + this click)
     # and re-propagates away from the worked slice 8 whose propagation had reached it: slices 9 and 10,
-    # derived from slice 8, stay (volume.propagation_steps).
+    # derived from slice 8, stay (volume.propagation_steps; without the refresh tested below).
     correction = logic.addClick(world_of(volume, (5, 5, 11), parent), False, "Axial")
     assert correction["newImage"] and correction["clicks"] == 2, correction
     assert correction["adaptMs"] > 0  # not the slice's first click: an MI step
@@ -112,6 +112,28 @@ def test_correction_on_a_propagated_slice_repropagates_and_accept_learns_from_wo
     assert held[7] == int(painted.sum()) and held[6] > 0  # slice 6, propagated and left alone, is not learnt from
     assert accepted["saved"] and accepted["version"] == 1
     assert len(nonempty(export_segment(scene, segmentation, segment_id, volume))) > 2  # propagated slices stay
+
+
+def test_an_mi_step_click_refreshes_the_other_worked_slices_chains_as_one_undo_step(oblique, scene):
+    """The default refreshAfterAdaptation: the propagation after a correction that made an MI step
+    also re-propagates from worked slice 8 with the adapted weights (what SegmentWork.propagate from
+    slice 8 gives now), both ways; one undo restores the segment exactly."""
+    logic, volume, parent, segmentation, segment_id, _ = oblique
+    assert logic.refreshAfterAdaptation
+    logic.autoPropagate = True
+    logic.setAdaptation(lr=1e-3)  # a step large enough to change the masks
+    logic.addClick(world_of(volume, (34, 30, 8), parent), True, "Axial")
+    after_first = export_segment(scene, segmentation, segment_id, volume)
+    correction = logic.addClick(world_of(volume, (5, 5, 11), parent), False, "Axial")
+    assert correction["adaptMs"] > 0
+    assert min(correction["propagatedSlices"]) < 8, correction
+    read = lambda k: mrml.read_slice_classes(segmentation, volume, mrml.slice_location(volume, 2, k), {1: segment_id})  # noqa: E731
+    propagated, _ = logic._work.propagate(mrml.volume_slices(volume, 2), mrml.in_plane_spacing(volume, 2), 8, read(8),
+                                          {11}, logic.propagationRule)
+    below = [(k, mask) for k, mask, _ in propagated if k < 11]
+    assert below and all(np.array_equal(read(k), mask) for k, mask in below)
+    logic.undoClick()
+    np.testing.assert_array_equal(export_segment(scene, segmentation, segment_id, volume), after_first)
 
 
 def test_panel_propagates_after_a_click_and_one_ctrl_z_restores_the_segment(oblique, scene):

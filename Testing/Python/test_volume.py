@@ -18,14 +18,17 @@ from OAIMSSegment.errors import InvalidClickError, InvalidImageError, SessionSta
 from OAIMSSegment.evaluate_volumes import Volume, correction_click_3d, first_click, slice_by_slice_clicks, volume_dice
 from OAIMSSegment.model import ClickSegmenter, load_model, save_model
 from OAIMSSegment.session import AdaptConfig, InteractiveSession
-from OAIMSSegment.volume import Propagation, VolumeSession
+from OAIMSSegment.volume import Propagation, VolumeSession, propagate_line
 
 LABELS = {"background": 0, "blob": 1}
 
 
-def ellipsoid(depth: int = 16, centre: tuple[int, int, int] = (8, 30, 34), radii: tuple[int, int, int] = (5, 14, 12)):
-    """A ``(depth, 64, 64)`` volume with a bright ellipsoid in noise, and its mask."""
+def ellipsoid(depth: int = 16, centre: tuple[int, int, int] = (8, 30, 34), radii: tuple[int, int, int] = (5, 14, 12),
+              shear: float = 0.0):
+    """A ``(depth, 64, 64)`` volume with a bright ellipsoid in noise, and its mask; ``shear``: its
+    cross-sections' centre moves this many pixels along x per slice."""
     z, y, x = np.mgrid[0:depth, 0:64, 0:64]
+    x = x - shear * (z - centre[0])
     inside = sum(((g - c) / r) ** 2 for g, c, r in zip((z, y, x), centre, radii)) <= 1
     rng = np.random.default_rng(0)
     return (inside * 0.8 + 0.05 * rng.standard_normal(inside.shape)).astype(np.float32), inside.astype(np.int64)
@@ -82,9 +85,29 @@ def test_without_a_stopping_rule_propagation_runs_past_the_structure(demo_model)
     assert len(nonempty_slices(session.volume_mask())) > 11
 
 
+def test_the_default_rule_stops_at_a_mask_that_grows_past_half_again_and_keeps_masks_near_their_neighbour():
+    """Propagation's defaults (BENCHMARKS 10.10): a slice whose mask is over 1.5x its neighbour's ends
+    the chain (the model's blob around a seed past a small lesion's end), and a kept mask loses what
+    lies over 5 px from its neighbour's."""
+    neighbour = np.zeros((40, 40), np.uint8)
+    neighbour[10:20, 10:20] = 1  # 100 px
+    grown = np.zeros_like(neighbour)
+    grown[10:20, 10:20] = 1
+    grown[30:34, 30:34] = 1  # 16 px far away: 116 px in all, overlap 0.93
+    larger = np.zeros_like(neighbour)
+    larger[8:22, 8:22] = 1  # 196 px: 1.96x
+    outputs = {1: grown, 2: larger}
+    line = propagate_line(lambda index, seeds: (outputs[index], 0.9), neighbour, [1, 2], Propagation())
+    assert [index for index, _, _ in line] == [1]
+    np.testing.assert_array_equal(line[0][1], neighbour)  # the far pixels are gone
+    assert len(propagate_line(lambda index, seeds: (outputs[index], 0.9), neighbour, [1, 2],
+                              Propagation(max_area_ratio=float("inf"), within=None))) == 2
+
+
 def test_correction_repropagates_only_up_to_worked_slices(demo_model):
     image, _ = ellipsoid()
-    session = volume_session(demo_model)
+    # Without the refresh of the other worked slices' chains after an MI step (tested below).
+    session = volume_session(demo_model, refresh_after_adaptation=False)
     session.open(image)
     session.click(8, (30, 34), 1)
     session.click(5, (30, 34), 1)
@@ -114,6 +137,57 @@ def test_a_correction_on_a_propagated_slice_repropagates_away_from_its_origin_on
     assert changed and max(changed) <= end  # only the end itself and what lies beyond it
     assert np.array_equal(before[end + 1 :], after[end + 1 :])  # the chain from slice 8 to the end stays
     assert session.worked_slices == [8, end]
+
+
+def test_a_second_correction_on_that_slice_still_repropagates_away_from_its_origin_only(demo_model):
+    """Slice 10 stays part of slice 8's chain after its first click: a second click there must not
+    re-seed slice 9 from it either (it did, once the slice had become a worked one), and a
+    propagate() from it goes the same one way (the Slicer Logic's ``former``)."""
+    image, _ = ellipsoid(shear=2.0)  # each slice's seed differs with the slice it comes from
+    session = volume_session(demo_model, "frozen")
+    session.open(image)
+    session.click(8, (30, 34), 1)
+    end = 10
+    assert end in session.propagated_slices
+    session.click(end, (30, 38), 1)
+    before = session.volume_mask()
+    changed = session.click(end, (24, 36), 1)
+    assert changed and min(changed) >= end
+    assert np.array_equal(before[:end], session.volume_mask()[:end])
+    changed = session.propagate(end)
+    assert not changed or min(changed) > end
+    assert np.array_equal(before[:end], session.volume_mask()[:end])
+    session.undo()
+    session.undo()
+    assert np.array_equal(before, session.volume_mask())
+
+
+def test_an_mi_step_re_propagates_every_other_worked_slice_with_the_adapted_weights(demo_model):
+    """refresh_after_adaptation: slice 8's chain, below the correction on slice 11, is what a
+    propagation from slice 8 gives with the weights the correction's MI step adapted; off, it stays
+    as the old weights made it. Undo restores it."""
+    image, _ = ellipsoid(shear=1.0)
+    masks = {}
+    for refresh in (False, True):
+        session = volume_session(load_model("demo-synthetic-blobs"), lr=1e-2, refresh_after_adaptation=refresh)
+        session.open(image)
+        session.click(8, (30, 34), 1)
+        assert 11 in session.propagated_slices
+        before = session.volume_mask()
+        changed = session.click(11, (30, 37), 0)  # joins the slice's seeds: an MI step
+        masks[refresh] = session.volume_mask()
+        if not refresh:
+            assert min(changed) >= 11 and np.array_equal(before[:11], masks[refresh][:11])
+            continue
+        assert min(changed) < 8  # slice 8's chain changed, on both sides of it
+        assert np.array_equal(before[8], masks[refresh][8])  # a worked slice keeps its mask
+        replay = volume_session(session.session.model, "frozen")
+        replay.open(image)
+        replay.set_mask(8, before[8], propagate=True)
+        assert np.array_equal(replay.volume_mask()[:11], masks[refresh][:11])
+        session.undo()
+        assert np.array_equal(before, session.volume_mask())
+    assert not np.array_equal(masks[False][:11], masks[True][:11])
 
 
 def test_undo_restores_slices_weights_and_optimizer_exactly(demo_model):
