@@ -44,13 +44,15 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector
 
+from OAIMSSegment.adapt_config import DEFAULT_LR, AdaptConfig  # noqa: F401 (DEFAULT_LR: importable from here, as before)
 from OAIMSSegment.clicks import Click
 from OAIMSSegment.errors import SessionStateError
 from OAIMSSegment.losses import DiceFocal
 from OAIMSSegment.methods import METHODS as METHOD_CLASSES
 from OAIMSSegment.methods import AdaptationMethod, get_method, weights_snapshot
 from OAIMSSegment.metrics import mean_foreground_dice
-from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, class_map, hard_labels, probabilities, set_mode
+from OAIMSSegment.model import ClickSegmenter, PreparedImage, class_map, hard_labels, probabilities, set_mode
+from OAIMSSegment.regression_check import AcceptedCase, RecentCases
 from OAIMSSegment.reuse import train_equals_eval, weights_version
 from OAIMSSegment.snapshot import SnapshotPool, StateSnapshot
 from OAIMSSegment.validation import accepted_mask, click_input
@@ -62,55 +64,6 @@ METHODS = tuple(METHOD_CLASSES)
 def method_name(mi: bool, pi: bool) -> str:
     """The OAIMS method for a pair of MI / PI switches (as in the Slicer module)."""
     return {(True, True): "pi+mi", (True, False): "mi", (False, True): "pi", (False, False): "frozen"}[(mi, pi)]
-
-
-#: Adam learning rate of online adaptation for a model whose card names none.
-DEFAULT_LR = 3e-5
-
-
-@dataclass
-class AdaptConfig:
-    """Hyper-parameters of online adaptation.
-
-    Attributes:
-        lr: Adam learning rate; None takes the model card's ``adaptation_lr`` (chosen per
-            model by the sweep in ``docs/BENCHMARKS.md``), else :data:`DEFAULT_LR`.
-        beta: weight of the CCG loss (paper: 200).
-        sigma: CCG Gaussian standard deviation in working pixels (paper: 3).
-        alpha: focal weight in the Dice-Focal loss (paper: 0.7).
-        ccg_class_limited: the indicator ``I_c`` of Eq. 2.
-        ccg_kernel: ``"gaussian"`` or ``"uniform"`` (ablation).
-        mi_click_label: our extension of MI (off = Algorithm 1 as published): before the MI
-            step, the pixels within ``sigma`` of the new click take the click's class in the
-            pseudo label ``P_t^initial``. A model that ignores a click predicts the wrong class
-            right under it, and the class-limited CCG term then drops most of the click's
-            window (measured in ``docs/BENCHMARKS.md``, section 9.1).
-        max_dice_drop: PI safety guard: if, after the update, the model's prediction with the
-            image's clicks matches the accepted mask worse by more than this Dice, the update is
-            undone (a collapsing update must never reach a site model).
-        ia_mask_weight, ia_weight_decay: IA+SA regularisers towards the first prediction and
-            towards the initial weights.
-        tsca_momentum, tsca_consistency: TSCA teacher EMA momentum and student-teacher weight.
-    """
-
-    lr: float | None = None
-    beta: float = 200.0
-    sigma: float = 3.0
-    alpha: float = 0.7
-    ccg_class_limited: bool = True
-    ccg_kernel: str = "gaussian"
-    mi_click_label: bool = False
-    max_dice_drop: float = 0.1
-    ia_mask_weight: float = 0.1
-    ia_weight_decay: float = 1e-2
-    tsca_momentum: float = 0.9
-    tsca_consistency: float = 0.1
-
-    def for_model(self, card: ModelCard) -> "AdaptConfig":
-        """This configuration with the learning rate decided (see ``lr``)."""
-        if self.lr is not None:
-            return self
-        return replace(self, lr=card.adaptation_lr if card.adaptation_lr is not None else DEFAULT_LR)
 
 
 @dataclass
@@ -146,6 +99,10 @@ class AcceptResult:
         clicks: number of clicks the image took.
         dice_before, dice_after: Dice (mean over foreground classes) of the model's prediction
             with the image's clicks against the accepted mask, before and after the update.
+        recent_dice_before, recent_dice_after: the same, averaged over the last accepted images
+            the site-regression check keeps (``AdaptConfig.regression_cases``); None when it is
+            off or has no images yet (``recent_dice_after`` also when another check rejected the
+            update first).
     """
 
     applied: bool
@@ -155,6 +112,8 @@ class AcceptResult:
     clicks: int = 0
     dice_before: float | None = None
     dice_after: float | None = None
+    recent_dice_before: float | None = None
+    recent_dice_after: float | None = None
 
 
 @dataclass
@@ -209,6 +168,7 @@ class InteractiveSession:
         self.reuse_graphs = reuse_graphs
         self._mode_free = train_equals_eval(model.net)
         self.pretrained = weights_snapshot(model)
+        self._recent = RecentCases(0)  # sized by _configure
         self._configure(method, method_class, config or AdaptConfig())
         self.adaptation: AdaptationMethod = method_class(model)
         self.optimizer = self._new_optimizer()
@@ -223,6 +183,7 @@ class InteractiveSession:
         self._requested_config = config
         self.config = replace(config, **method_class.overrides).for_model(self.card)
         self.dice_focal = DiceFocal(binary=self.card.binary, alpha=self.config.alpha)
+        self._recent.resize(self.config.regression_cases)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -575,25 +536,36 @@ class InteractiveSession:
         return mean_foreground_dice(labels, final, self.card.num_classes)
 
     def _post_interaction(self, final: torch.Tensor, started: float, n_clicks: int) -> AcceptResult:
-        """The method's PI update (Algorithm 1, lines 22-32), undone if it harms the accepted image."""
+        """The method's PI update (Algorithm 1, lines 22-32), undone if it harms the accepted image
+        or (``regression_cases``) the last accepted ones."""
         self._snapshots.release(self._image_start)  # the image closes after its accept: its start's buffers serve
         before = self._image_start = self._snapshot()  # and are released with the image
         if self.reuse_graphs and self._shown_version == self._weights_version():  # the last click's prediction
             dice_before = mean_foreground_dice(self._steps[-1].labels, final, self.card.num_classes)
         else:
             dice_before = self._prediction_dice(final)
+        recent_before = self._recent.mean_dice(self.adaptation.predictor(self), self.card.num_classes)
+        case = AcceptedCase(self.prepared, tuple(self.working_clicks), final)
         elapsed = lambda: (time.perf_counter() - started) * 1000.0  # noqa: E731
         try:
             losses = self.adaptation.pi_update(self, final, n_clicks)
         except FloatingPointError as error:
             self._restore(before)
+            self._recent.add(case)
             return AcceptResult(False, f"update rejected: {error}", elapsed(), {}, n_clicks, dice_before)
         dice_after = self._prediction_dice(final)
         finite = bool(torch.isfinite(parameters_to_vector(self.model.parameters())).all())  # one pass, not one a tensor
-        if not finite or dice_after < dice_before - self.config.max_dice_drop:
+        recent_after, reason = None, ""
+        if not finite:
+            reason = "non-finite weights"
+        elif dice_after < dice_before - self.config.max_dice_drop:
+            reason = f"update rejected: Dice on the accepted image fell from {dice_before:.3f} to {dice_after:.3f}"
+        elif recent_before is not None:
+            recent_after = self._recent.mean_dice(self.adaptation.predictor(self), self.card.num_classes)
+            if recent_after < recent_before - self.config.max_regression:
+                reason = (f"update rejected: mean Dice on the last {len(self._recent)} accepted images fell from "
+                          f"{recent_before:.3f} to {recent_after:.3f}")
+        self._recent.add(case)
+        if reason:
             self._restore(before)
-            reason = "non-finite weights" if not finite else (
-                f"update rejected: Dice on the accepted image fell from {dice_before:.3f} to {dice_after:.3f}"
-            )
-            return AcceptResult(False, reason, elapsed(), losses, n_clicks, dice_before, dice_after)
-        return AcceptResult(True, "", elapsed(), losses, n_clicks, dice_before, dice_after)
+        return AcceptResult(not reason, reason, elapsed(), losses, n_clicks, dice_before, dice_after, recent_before, recent_after)
