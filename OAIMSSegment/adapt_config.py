@@ -35,13 +35,13 @@ class AdaptConfig:
         max_dice_drop: PI safety guard: if, after the update, the model's prediction with the
             image's clicks matches the accepted mask worse by more than this Dice, the update is
             undone (a collapsing update must never reach a site model).
-        regression_cases: site-regression check of a PI update (our extension; 0, the default,
-            is off, as in the paper): the session keeps the last this many accepted images in
-            memory (image, clicks, accepted mask) and undoes an update after which the model's
-            predictions with their clicks match their accepted masks worse, in mean Dice, by
-            more than ``max_regression``. The drift guard sees the accepted image only; an
-            update can harm the next images instead (``docs/BENCHMARKS.md`` section 3).
-        max_regression: the mean Dice drop on those images that undoes an update.
+        stage2_localization: our change to PI stage 2 (off = Algorithm 1 as published, line
+            30: ``P^ = f(I, C^)``): the generated clicks ``C^`` are given to the model together with
+            the image's localization click ``c_1``, ``f(I, {c_1} + C^)``, as pretraining gives
+            them (``pretrain.py`` adds the error clicks to the localization click); the CCG term
+            stays on ``C^``. Without ``c_1`` stage 2 trains the model on click sets it never saw,
+            e.g. background clicks only; on the demo's no-shift control that cost PI alone up to
+            4 points of Dice (``docs/BENCHMARKS.md`` section 3).
         ia_mask_weight, ia_weight_decay: IA+SA regularisers towards the first prediction and
             towards the initial weights.
         tsca_momentum, tsca_consistency: TSCA teacher EMA momentum and student-teacher weight.
@@ -55,18 +55,11 @@ class AdaptConfig:
     ccg_kernel: str = "gaussian"
     mi_click_label: bool = False
     max_dice_drop: float = 0.1
-    regression_cases: int = 0
-    max_regression: float = 0.01
+    stage2_localization: bool = False
     ia_mask_weight: float = 0.1
     ia_weight_decay: float = 1e-2
     tsca_momentum: float = 0.9
     tsca_consistency: float = 0.1
-
-    def __post_init__(self) -> None:
-        if isinstance(self.regression_cases, bool) or not isinstance(self.regression_cases, int) or self.regression_cases < 0:
-            raise ValueError(f"regression_cases must be a whole number >= 0, got {self.regression_cases!r}")
-        if not self.max_regression >= 0:  # also refuses NaN
-            raise ValueError(f"max_regression must be a Dice difference >= 0, got {self.max_regression!r}")
 
     def for_model(self, card: ModelCard) -> "AdaptConfig":
         """This configuration with the learning rate decided (see ``lr``)."""

@@ -258,9 +258,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--first-wrong", type=types.non_negative_int, default=0, help="the first k clicks of each image are wrong")
     parser.add_argument("--lr", type=types.positive_float,
                         help=f"adaptation learning rate (default: the model card's adaptation_lr, else {DEFAULT_LR:g})")
-    parser.add_argument("--regression-cases", type=types.non_negative_int, default=AdaptConfig.regression_cases,
-                        help="site-regression check: undo a PI update that lowers the mean Dice on the last N accepted "
-                        f"images by more than {AdaptConfig.max_regression:g} (0: off, the paper's Algorithm 1)")
     parser.add_argument("--beta", type=types.non_negative_float, default=AdaptConfig.beta)
     parser.add_argument("--sigma", type=types.positive_float, default=AdaptConfig.sigma)
     parser.add_argument(
@@ -331,7 +328,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not samples:
         raise DatasetError(f"none of the {len(skipped)} selected slice(s) of {where} can be segmented: {skipped[0]['reason']}")
     protocol = Protocol(args.clicks, args.wrong_fraction, args.first_wrong, args.order)
-    config = AdaptConfig(lr=args.lr, beta=args.beta, sigma=args.sigma, regression_cases=args.regression_cases).for_model(model.card)
+    config = AdaptConfig(lr=args.lr, beta=args.beta, sigma=args.sigma).for_model(model.card)
     seeds = list(range(args.seed, args.seed + args.seeds))
     from OAIMSSegment.site_session import open_benchmark_site
 

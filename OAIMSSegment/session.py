@@ -52,7 +52,6 @@ from OAIMSSegment.methods import METHODS as METHOD_CLASSES
 from OAIMSSegment.methods import AdaptationMethod, get_method, weights_snapshot
 from OAIMSSegment.metrics import mean_foreground_dice
 from OAIMSSegment.model import ClickSegmenter, PreparedImage, class_map, hard_labels, probabilities, set_mode
-from OAIMSSegment.regression_check import AcceptedCase, RecentCases
 from OAIMSSegment.reuse import train_equals_eval, weights_version
 from OAIMSSegment.snapshot import SnapshotPool, StateSnapshot
 from OAIMSSegment.validation import accepted_mask, click_input
@@ -99,10 +98,6 @@ class AcceptResult:
         clicks: number of clicks the image took.
         dice_before, dice_after: Dice (mean over foreground classes) of the model's prediction
             with the image's clicks against the accepted mask, before and after the update.
-        recent_dice_before, recent_dice_after: the same, averaged over the last accepted images
-            the site-regression check keeps (``AdaptConfig.regression_cases``); None when it is
-            off or has no images yet (``recent_dice_after`` also when another check rejected the
-            update first).
     """
 
     applied: bool
@@ -112,8 +107,6 @@ class AcceptResult:
     clicks: int = 0
     dice_before: float | None = None
     dice_after: float | None = None
-    recent_dice_before: float | None = None
-    recent_dice_after: float | None = None
 
 
 @dataclass
@@ -168,7 +161,6 @@ class InteractiveSession:
         self.reuse_graphs = reuse_graphs
         self._mode_free = train_equals_eval(model.net)
         self.pretrained = weights_snapshot(model)
-        self._recent = RecentCases(0)  # sized by _configure
         self._configure(method, method_class, config or AdaptConfig())
         self.adaptation: AdaptationMethod = method_class(model)
         self.optimizer = self._new_optimizer()
@@ -183,7 +175,6 @@ class InteractiveSession:
         self._requested_config = config
         self.config = replace(config, **method_class.overrides).for_model(self.card)
         self.dice_focal = DiceFocal(binary=self.card.binary, alpha=self.config.alpha)
-        self._recent.resize(self.config.regression_cases)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -536,36 +527,25 @@ class InteractiveSession:
         return mean_foreground_dice(labels, final, self.card.num_classes)
 
     def _post_interaction(self, final: torch.Tensor, started: float, n_clicks: int) -> AcceptResult:
-        """The method's PI update (Algorithm 1, lines 22-32), undone if it harms the accepted image
-        or (``regression_cases``) the last accepted ones."""
+        """The method's PI update (Algorithm 1, lines 22-32), undone if it harms the accepted image."""
         self._snapshots.release(self._image_start)  # the image closes after its accept: its start's buffers serve
         before = self._image_start = self._snapshot()  # and are released with the image
         if self.reuse_graphs and self._shown_version == self._weights_version():  # the last click's prediction
             dice_before = mean_foreground_dice(self._steps[-1].labels, final, self.card.num_classes)
         else:
             dice_before = self._prediction_dice(final)
-        recent_before = self._recent.mean_dice(self.adaptation.predictor(self), self.card.num_classes)
-        case = AcceptedCase(self.prepared, tuple(self.working_clicks), final)
         elapsed = lambda: (time.perf_counter() - started) * 1000.0  # noqa: E731
         try:
             losses = self.adaptation.pi_update(self, final, n_clicks)
         except FloatingPointError as error:
             self._restore(before)
-            self._recent.add(case)
             return AcceptResult(False, f"update rejected: {error}", elapsed(), {}, n_clicks, dice_before)
         dice_after = self._prediction_dice(final)
         finite = bool(torch.isfinite(parameters_to_vector(self.model.parameters())).all())  # one pass, not one a tensor
-        recent_after, reason = None, ""
-        if not finite:
-            reason = "non-finite weights"
-        elif dice_after < dice_before - self.config.max_dice_drop:
-            reason = f"update rejected: Dice on the accepted image fell from {dice_before:.3f} to {dice_after:.3f}"
-        elif recent_before is not None:
-            recent_after = self._recent.mean_dice(self.adaptation.predictor(self), self.card.num_classes)
-            if recent_after < recent_before - self.config.max_regression:
-                reason = (f"update rejected: mean Dice on the last {len(self._recent)} accepted images fell from "
-                          f"{recent_before:.3f} to {recent_after:.3f}")
-        self._recent.add(case)
-        if reason:
+        if not finite or dice_after < dice_before - self.config.max_dice_drop:
             self._restore(before)
-        return AcceptResult(not reason, reason, elapsed(), losses, n_clicks, dice_before, dice_after, recent_before, recent_after)
+            reason = "non-finite weights" if not finite else (
+                f"update rejected: Dice on the accepted image fell from {dice_before:.3f} to {dice_after:.3f}"
+            )
+            return AcceptResult(False, reason, elapsed(), losses, n_clicks, dice_before, dice_after)
+        return AcceptResult(True, "", elapsed(), losses, n_clicks, dice_before, dice_after)
