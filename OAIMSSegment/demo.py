@@ -63,6 +63,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         "(demo-paper.json; about 25 s more)")
     parser.add_argument("--quick", action="store_true", help="6 images per site, 3 clicks: a smoke run (CI)")
     parser.add_argument("--lr", type=types.positive_float, help="adaptation learning rate (default: the model card's adaptation_lr)")
+    parser.add_argument("--paper-stage2", action="store_true",
+                        help="PI stage 2 as Algorithm 1 publishes it, without the localization click (the demo gives it, "
+                        "AdaptConfig.stage2_localization: without it PI alone cost the no-shift control up to 4 points)")
     parser.add_argument("--threads", type=types.non_negative_int, default=1,
                         help="torch threads (0: torch default); the small images gain nothing from more, and a busy machine loses")
     parser.add_argument("--seed", type=int, default=0,
@@ -95,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"{model.card.name}: pretrained on the synthetic source site; {source_images} source and {images} target "
           f"images, {clicks} simulated clicks each")
-    config = AdaptConfig(lr=args.lr).for_model(model.card)
+    config = AdaptConfig(lr=args.lr, stage2_localization=not args.paper_stage2).for_model(model.card)
     source = synthetic_samples(source_images, "source", seed=SOURCE_SEED + args.seed)
     target = synthetic_samples(images, "target", seed=TARGET_SEED + args.seed)
     parts = demo_parts(target, source, Protocol(clicks=clicks), args.paper_protocol)

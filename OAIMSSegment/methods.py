@@ -149,7 +149,8 @@ class OAIMS(AdaptationMethod):
 
     def pi_update(self, session: InteractiveSession, final: torch.Tensor, n_clicks: int) -> dict[str, float]:
         """Algorithm 1, lines 22-32: stage 1 refits the first-click prediction to ``final``;
-        stage 2 trains on up to ``n_clicks`` clicks generated in its remaining errors."""
+        stage 2 trains on up to ``n_clicks`` clicks generated in its remaining errors (given with
+        the localization click when ``config.stage2_localization``)."""
         clicks = session.working_clicks
         first_logits, first_labels = session.train_logits_and_labels(clicks[:1])
         losses = {"stage1": session.optimizer_step(session.dice_focal(first_logits, final[None]))}
@@ -157,7 +158,8 @@ class OAIMS(AdaptationMethod):
             first_labels.cpu().numpy(), final.cpu().numpy(), session.card.num_classes, n_clicks, _image_rng(clicks)
         )
         if generated:
-            losses["stage2"] = session.optimizer_step(oaims_loss(session, session.train_logits(generated), final, generated))
+            given = clicks[:1] + generated if session.config.stage2_localization else generated
+            losses["stage2"] = session.optimizer_step(oaims_loss(session, session.train_logits(given), final, generated))
         return losses
 
 

@@ -44,13 +44,14 @@ import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector
 
+from OAIMSSegment.adapt_config import DEFAULT_LR, AdaptConfig  # noqa: F401 (DEFAULT_LR: importable from here, as before)
 from OAIMSSegment.clicks import Click
 from OAIMSSegment.errors import SessionStateError
 from OAIMSSegment.losses import DiceFocal
 from OAIMSSegment.methods import METHODS as METHOD_CLASSES
 from OAIMSSegment.methods import AdaptationMethod, get_method, weights_snapshot
 from OAIMSSegment.metrics import mean_foreground_dice
-from OAIMSSegment.model import ClickSegmenter, ModelCard, PreparedImage, class_map, hard_labels, probabilities, set_mode
+from OAIMSSegment.model import ClickSegmenter, PreparedImage, class_map, hard_labels, probabilities, set_mode
 from OAIMSSegment.reuse import train_equals_eval, weights_version
 from OAIMSSegment.snapshot import SnapshotPool, StateSnapshot
 from OAIMSSegment.validation import accepted_mask, click_input
@@ -62,55 +63,6 @@ METHODS = tuple(METHOD_CLASSES)
 def method_name(mi: bool, pi: bool) -> str:
     """The OAIMS method for a pair of MI / PI switches (as in the Slicer module)."""
     return {(True, True): "pi+mi", (True, False): "mi", (False, True): "pi", (False, False): "frozen"}[(mi, pi)]
-
-
-#: Adam learning rate of online adaptation for a model whose card names none.
-DEFAULT_LR = 3e-5
-
-
-@dataclass
-class AdaptConfig:
-    """Hyper-parameters of online adaptation.
-
-    Attributes:
-        lr: Adam learning rate; None takes the model card's ``adaptation_lr`` (chosen per
-            model by the sweep in ``docs/BENCHMARKS.md``), else :data:`DEFAULT_LR`.
-        beta: weight of the CCG loss (paper: 200).
-        sigma: CCG Gaussian standard deviation in working pixels (paper: 3).
-        alpha: focal weight in the Dice-Focal loss (paper: 0.7).
-        ccg_class_limited: the indicator ``I_c`` of Eq. 2.
-        ccg_kernel: ``"gaussian"`` or ``"uniform"`` (ablation).
-        mi_click_label: our extension of MI (off = Algorithm 1 as published): before the MI
-            step, the pixels within ``sigma`` of the new click take the click's class in the
-            pseudo label ``P_t^initial``. A model that ignores a click predicts the wrong class
-            right under it, and the class-limited CCG term then drops most of the click's
-            window (measured in ``docs/BENCHMARKS.md``, section 9.1).
-        max_dice_drop: PI safety guard: if, after the update, the model's prediction with the
-            image's clicks matches the accepted mask worse by more than this Dice, the update is
-            undone (a collapsing update must never reach a site model).
-        ia_mask_weight, ia_weight_decay: IA+SA regularisers towards the first prediction and
-            towards the initial weights.
-        tsca_momentum, tsca_consistency: TSCA teacher EMA momentum and student-teacher weight.
-    """
-
-    lr: float | None = None
-    beta: float = 200.0
-    sigma: float = 3.0
-    alpha: float = 0.7
-    ccg_class_limited: bool = True
-    ccg_kernel: str = "gaussian"
-    mi_click_label: bool = False
-    max_dice_drop: float = 0.1
-    ia_mask_weight: float = 0.1
-    ia_weight_decay: float = 1e-2
-    tsca_momentum: float = 0.9
-    tsca_consistency: float = 0.1
-
-    def for_model(self, card: ModelCard) -> "AdaptConfig":
-        """This configuration with the learning rate decided (see ``lr``)."""
-        if self.lr is not None:
-            return self
-        return replace(self, lr=card.adaptation_lr if card.adaptation_lr is not None else DEFAULT_LR)
 
 
 @dataclass

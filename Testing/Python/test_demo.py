@@ -23,6 +23,7 @@ def test_quick_demo_writes_every_part_and_the_figure(tmp_path, capsys):
     # the headline workflow accepts the corrected mask on both sites; the paper's protocol the model's own
     assert parts["demo"]["protocol"]["accept_truth"] and parts["demo-source"]["protocol"]["accept_truth"]
     assert not parts["demo-paper"]["protocol"]["accept_truth"]
+    assert all(part["config"]["stage2_localization"] for part in parts.values())  # PI stage 2 gets c_1 (BENCHMARKS 3)
     assert all(part["n_images"] == 6 and len(part["results"]["pi"]["dice"]) == 3 for part in parts.values())
     source, target = parts["demo-source"]["results"]["frozen"]["dice"], parts["demo"]["results"]["frozen"]["dice"]
     assert source[-1] > 0.85  # the pretrained model is good on its own site ...

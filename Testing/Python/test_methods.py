@@ -197,3 +197,27 @@ def test_separable_click_gaussians_equal_the_joint_gaussian():
     assert float((separable - exact).abs().max()) < 1e-4
     assert torch.equal(separable > 0, exact > 0)
 
+
+
+@pytest.mark.parametrize("with_localization", [False, True])
+def test_pi_stage2_gives_the_localization_click_only_when_asked(tiny_model, disk_image, with_localization):
+    """Algorithm 1 (the default) feeds stage 2 the generated clicks alone; ``stage2_localization``
+    feeds them after the image's localization click, as pretraining does. The CCG term and the
+    generated clicks are the same either way, so the two updates differ only by that click."""
+    image, mask = disk_image
+    session = InteractiveSession(tiny_model, "pi", AdaptConfig(lr=1e-3, stage2_localization=with_localization))
+    assert not AdaptConfig().stage2_localization  # the paper's algorithm unless asked
+    seen: list[list[Click]] = []
+    train_logits = session.train_logits
+    session.train_logits = lambda clicks: seen.append(list(clicks)) or train_logits(clicks)
+    session.start(image)
+    session.add_click((30, 34), 1)
+    session.add_click((5, 5), 0)
+    first = session.working_clicks[0]
+    result = session.accept(mask)
+    assert result.applied and set(result.losses) == {"stage1", "stage2"}  # the untrained model leaves errors to click
+    stage1, stage2 = seen
+    assert stage1 == [first]
+    generated = stage2[1:] if with_localization else stage2
+    assert generated and first not in generated  # clicks in P_1's errors, not where c_1 already is right
+    assert (stage2[0] == first) == with_localization
