@@ -183,6 +183,14 @@ ClickLabelOAIMS = variant(
     "OAIMS with MI's pseudo label made to agree with the click within sigma (our extension)",
     overrides={"mi_click_label": True},
 )
+#: PI stage 2 given the localization click with its generated clicks (``AdaptConfig.stage2_localization``;
+#: the demo's PI), next to Algorithm 1's on real data (docs/BENCHMARKS.md section 3.3).
+LocalizedStage2PI = variant(OAIMSPostInteraction, "pi/stage2-c1",
+                            "OAIMS PI with stage 2 given the localization click (our change)",
+                            overrides={"stage2_localization": True})
+LocalizedStage2OAIMS = variant(OAIMS, "pi+mi/stage2-c1",
+                               "OAIMS with PI's stage 2 given the localization click (our change)",
+                               overrides={"stage2_localization": True})
 
 
 # -- baselines -----------------------------------------------------------------------------------
@@ -305,7 +313,7 @@ METHODS: dict[str, type[AdaptationMethod]] = {
     for method in (
         Frozen, OAIMSMidInteraction, OAIMSPostInteraction, OAIMS, IASA, TSCA,
         SelfTraining, SelfTrainingPerClick, EntropyMinimisation, EntropyMinimisationPerClick,
-        NoClassCCG, UniformCCG, ClickPixelCCG, ClickLabelOAIMS,
+        NoClassCCG, UniformCCG, ClickPixelCCG, ClickLabelOAIMS, LocalizedStage2PI, LocalizedStage2OAIMS,
     )
 }
 

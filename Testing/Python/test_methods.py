@@ -34,7 +34,7 @@ def two_clicks(model, image, method, lr):
 def test_registry_is_the_one_list_of_methods_and_describes_each():
     described = methods.describe_methods()
     assert [m.name for m in described] == list(METHODS) == list(methods.METHODS)
-    assert len(METHODS) == 14 and all(m.description for m in described)
+    assert len(METHODS) == 16 and all(m.description for m in described)
     flags = {m.name: (m.mi, m.pi) for m in described}
     assert flags["frozen"] == (False, False) and flags["pi+mi"] == (True, True)
     assert flags["mi"] == (True, False) and flags["pi"] == (False, True)
@@ -221,3 +221,12 @@ def test_pi_stage2_gives_the_localization_click_only_when_asked(tiny_model, disk
     generated = stage2[1:] if with_localization else stage2
     assert generated and first not in generated  # clicks in P_1's errors, not where c_1 already is right
     assert (stage2[0] == first) == with_localization
+
+
+@pytest.mark.parametrize("name", ["pi/stage2-c1", "pi+mi/stage2-c1"])
+def test_the_stage2_c1_methods_are_pi_and_pi_mi_with_the_localization_click_in_stage_2(tiny_model, name):
+    """The named variants that ``evaluate`` runs beside Algorithm 1's PI and PI+MI on real data."""
+    base = InteractiveSession(tiny_model, name.split("/")[0], AdaptConfig(lr=1e-3))
+    session = InteractiveSession(tiny_model, name, AdaptConfig(lr=1e-3))
+    assert session.config.stage2_localization and not base.config.stage2_localization
+    assert (session.mi_enabled, session.pi_enabled) == (base.mi_enabled, base.pi_enabled)
