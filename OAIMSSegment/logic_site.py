@@ -78,9 +78,11 @@ class ModelSiteLogic:
         return SiteSession.sites(self.storeFolder)
 
     def setAdaptation(self, mi: Optional[bool] = None, pi: Optional[bool] = None, sigma: Optional[float] = None,
-                      beta: Optional[float] = None, lr: Optional[float] = None, clickLabel: Optional[bool] = None) -> None:
-        """Switch MI / PI, set CCG sigma, beta, the learning rate and ``clickLabel`` (our MI extension, off by
-        default: docs/BENCHMARKS.md, 9.1). Takes effect now or when the segment in progress closes."""
+                      beta: Optional[float] = None, lr: Optional[float] = None, clickLabel: Optional[bool] = None,
+                      stage2Localization: Optional[bool] = None) -> None:
+        """Switch MI / PI, set CCG sigma, beta, the learning rate, ``clickLabel`` (our MI extension, off by
+        default: docs/BENCHMARKS.md, 9.1) and ``stage2Localization`` (PI's stage 2 also given the first click, our
+        change, off by default: 3.1, 3.3). Takes effect now or when the segment in progress closes."""
         if mi is not None:
             self.mi = bool(mi)
         if pi is not None:
@@ -88,8 +90,9 @@ class ModelSiteLogic:
         for key, value in (("sigma", sigma), ("beta", beta), ("lr", lr)):
             if value is not None:
                 self.adaptOverrides[key] = float(value)
-        if clickLabel is not None:
-            self.adaptOverrides["mi_click_label"] = bool(clickLabel)
+        for key, flag in (("mi_click_label", clickLabel), ("stage2_localization", stage2Localization)):
+            if flag is not None:
+                self.adaptOverrides[key] = bool(flag)
         self._settingsChanged = True
         if self._site is not None and not self._worked and not self._pending:
             self._site.session.reconfigure(*self._takeSettings())
@@ -104,10 +107,11 @@ class ModelSiteLogic:
         return method_name(self.mi, self.pi), AdaptConfig(**self.adaptOverrides)
 
     def adaptationSettings(self) -> dict:
-        """The settings in force: ``mi``, ``pi``, ``sigma``, ``beta``, ``lr`` (the card's unless overridden), ``clickLabel``."""
+        """The settings in force: ``mi``, ``pi``, ``sigma``, ``beta``, ``lr`` (the card's unless overridden), ``clickLabel``,
+        ``stage2Localization``."""
         config = self._requireSession().config
         return {"mi": self.mi, "pi": self.pi, "sigma": config.sigma, "beta": config.beta, "lr": config.lr,
-                "clickLabel": config.mi_click_label}
+                "clickLabel": config.mi_click_label, "stage2Localization": config.stage2_localization}
 
     def setActiveClass(self, nameOrIndex: Union[str, int]) -> int:
         """The class a positive click adds (multi-class models, e.g. ``"cup"``); returns its index."""

@@ -55,7 +55,8 @@ SIGNAL_ARG = _SignalArg()
 
 _adapt = tuple((box, signal, "adapt", (key, SIGNAL_ARG)) for box, signal, key in (
     ("miCheckBox", "toggled(bool)", "mi"), ("piCheckBox", "toggled(bool)", "pi"),
-    ("clickLabelCheckBox", "toggled(bool)", "clickLabel"), ("sigmaSpinBox", "valueChanged(double)", "sigma"),
+    ("clickLabelCheckBox", "toggled(bool)", "clickLabel"), ("stage2LocalizationCheckBox", "toggled(bool)", "stage2Localization"),
+    ("sigmaSpinBox", "valueChanged(double)", "sigma"),
     ("betaSpinBox", "valueChanged(double)", "beta"), ("lrSpinBox", "valueChanged(double)", "lr")))
 
 #: The panel's signals: ``(control, Qt signal, Panel method, its arguments)``; an argument is :data:`SIGNAL_ARG`,
@@ -286,7 +287,7 @@ class Panel:
         return foreground_classes(self.logic.card)
 
     def adapt(self, key: str, value) -> None:
-        """An adaptation setting (``mi``, ``pi``, ``sigma``, ``beta``, ``lr``, ``clickLabel``) was changed."""
+        """An adaptation setting (``mi``, ``pi``, ``sigma``, ``beta``, ``lr``, ``clickLabel``, ``stage2Localization``) was changed."""
         self.logic.setAdaptation(**{key: value})
 
     def setAutoPropagate(self, on: bool) -> None:

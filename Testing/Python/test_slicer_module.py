@@ -587,9 +587,10 @@ def test_settings_changes_apply_to_the_next_image(module, scene, binary_model, t
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
     logic = module.OAIMSSegmentLogic(storeFolder=str(tmp_path / "sites"))
     logic.setModel(binary_model)
-    defaults = {"mi": True, "pi": True, "sigma": 3.0, "beta": 200.0, "lr": DEFAULT_LR, "clickLabel": False}
+    defaults = {"mi": True, "pi": True, "sigma": 3.0, "beta": 200.0, "lr": DEFAULT_LR, "clickLabel": False,
+                "stage2Localization": False}
     assert logic.adaptationSettings() == defaults
-    logic.setAdaptation(mi=False, pi=True, lr=3e-4, sigma=2.0, beta=100.0, clickLabel=True)
+    logic.setAdaptation(mi=False, pi=True, lr=3e-4, sigma=2.0, beta=100.0, clickLabel=True, stage2Localization=True)
     assert logic.session.method == "pi"
     assert logic.session.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
     assert logic.adaptationSettings()["lr"] == pytest.approx(3e-4)
@@ -601,9 +602,9 @@ def test_settings_changes_apply_to_the_next_image(module, scene, binary_model, t
     logic.accept()
     assert logic.session.method == "pi+mi"
     config = logic.session.config
-    assert (config.sigma, config.beta, config.mi_click_label) == (2.0, 100.0, True)
+    assert (config.sigma, config.beta, config.mi_click_label, config.stage2_localization) == (2.0, 100.0, True, True)
     logic.setModel(binary_model)  # a learning rate belongs to a model: back to the card's
-    assert logic.adaptationSettings() == {**defaults, "sigma": 2.0, "beta": 100.0, "clickLabel": True}
+    assert logic.adaptationSettings() == {**defaults, "sigma": 2.0, "beta": 100.0, "clickLabel": True, "stage2Localization": True}
 
 
 def test_rgb_vector_volume_with_a_three_class_model_gives_two_segments(module, scene, rgb_model, binary_model, tmp_path):
