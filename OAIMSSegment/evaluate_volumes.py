@@ -233,6 +233,11 @@ def summarise(runs: list[VolumeRun]) -> dict:
     return entry
 
 
+def volume_sequence(volumes: list[Volume], seed: int) -> list[Volume]:
+    """The order in which seed ``seed`` shows ``volumes`` to the simulated clinician."""
+    return [volumes[i] for i in np.random.default_rng(seed).permutation(len(volumes))]
+
+
 def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list[str], interactions: int,
                      seeds: list[int], config: AdaptConfig, propagation: Propagation,
                      learn_from_propagated: bool = False, slice_by_slice: dict | None = None,
@@ -243,7 +248,7 @@ def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise OAIMSError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    orders = {seed: [volumes[i] for i in np.random.default_rng(seed).permutation(len(volumes))] for seed in seeds}
+    orders = {seed: volume_sequence(volumes, seed) for seed in seeds}
     results = {}
     for method in methods:
         runs = []

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from OAIMSSegment.data import NnUNetDataset  # noqa: E402
-from OAIMSSegment.evaluate_volumes import load_volumes, run_volumes  # noqa: E402
+from OAIMSSegment.evaluate_volumes import load_volumes, run_volumes, volume_sequence  # noqa: E402
 from OAIMSSegment.files import atomic_write_text  # noqa: E402
 from OAIMSSegment.model import load_model  # noqa: E402
 from OAIMSSegment.segment_propagation import REFRESH_AFTER_ADAPTATION  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> int:
     propagation = Propagation(**fields)
     model = load_model(args.model)
     volumes = load_volumes(NnUNetDataset(args.dataset), args.split, "axial", args.max_volumes)
-    order = [volumes[i] for i in np.random.default_rng(args.seed).permutation(len(volumes))]
+    order = volume_sequence(volumes, args.seed)
     rows: dict[str, dict] = {}
 
     def observe(volume, t, prediction):
