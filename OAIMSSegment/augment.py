@@ -16,6 +16,12 @@ and an offset per channel), so the recipe draws what it cannot remove: a tone cu
 saturation and hue (mixing of the channels), uneven illumination and vignetting (a smooth
 multiplicative field), defocus blur, sensor noise, JPEG compression, and another field of view
 (scale, zoom, rotation).
+
+``"sequences"`` is ``"scanner"`` plus random *non-monotone* intensity maps (:class:`RandGlobalIntensityNonlineard`,
+the GIN augmentation of Ouyang et al., "Causality-inspired single-source domain generalization for medical image
+segmentation", IEEE TMI 2022): another MR sequence does not just bend the intensity scale (which a monotone curve
+covers) but reorders the tissues (FLAIR's bright lesion and dark CSF against T1's dark lesion and dark CSF), and a
+shallow random convolutional network with leaky ReLUs draws such reorderings, with local texture changes.
 """
 
 from __future__ import annotations
@@ -55,6 +61,59 @@ def _scanner_intensities() -> Compose:
         RandGibbsNoised(keys="image", prob=0.15, alpha=(0.0, 0.5)),
         RandGaussianNoised(keys="image", prob=0.3, mean=0.0, std=0.04),
     ])
+
+
+class RandGlobalIntensityNonlineard(RandomizableTransform, MapTransform):
+    """A random non-monotone intensity map (GIN) of images ``(C, H, W)`` in [0, 1]: a fresh shallow
+    convolutional network (``layers`` convolutions, ``width`` hidden channels, kernels 1 or 3 drawn per layer,
+    N(0, 1) weights, leaky ReLU between them), its output rescaled to [0, 1] and mixed with the input by a
+    random weight ``alpha`` (so the map ranges from the identity to a new contrast).
+
+    Args:
+        keys: the image keys.
+        prob: probability of changing an image.
+        layers: convolutions in the network.
+        width: hidden channels.
+    """
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, prob: float = 0.3, layers: int = 4, width: int = 2) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.layers, self.width = layers, width
+        self._seed = 0
+        self._alpha = 1.0
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._seed = int(self.R.randint(2**31))
+            self._alpha = float(self.R.uniform(0.0, 1.0))
+
+    def _network_output(self, image: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self._seed)
+        channels = image.shape[0]
+        x = image[None]
+        for layer in range(self.layers):
+            out_channels = channels if layer == self.layers - 1 else self.width
+            kernel = 1 if torch.rand((), generator=generator) < 0.5 else 3
+            weight = torch.randn(out_channels, x.shape[1], kernel, kernel, generator=generator)
+            bias = torch.randn(out_channels, generator=generator)
+            x = torch.nn.functional.conv2d(x, weight, bias, padding=kernel // 2)
+            if layer < self.layers - 1:
+                x = torch.nn.functional.leaky_relu(x, 0.2)
+        x = x[0]
+        low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+        return (x - low) / (high - low).clamp_min(1e-6)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return out
+        for key in self.key_iterator(out):
+            image = torch.as_tensor(out[key]).float()
+            out[key] = self._alpha * self._network_output(image) + (1.0 - self._alpha) * image
+        return out
 
 
 def _geometry(rotate: float = np.pi / 12, scale: float = 0.15, max_zoom: float = 1.4, zoom_prob: float = 0.2) -> Compose:
@@ -203,6 +262,8 @@ RECIPES: dict[str, Callable[[str], Recipe]] = {
     "none": lambda normalization: Recipe(normalization, None, None),
     "intensity": lambda normalization: Recipe(normalization, _scanner_intensities(), None),
     "scanner": lambda normalization: Recipe(normalization, _scanner_intensities(), _geometry()),
+    "sequences": lambda normalization: Recipe(
+        normalization, Compose([RandGlobalIntensityNonlineard(keys="image", prob=0.3), _scanner_intensities()]), _geometry()),
     "fundus": lambda normalization: Recipe(normalization, _camera_colours(),
                                            _geometry(rotate=np.pi / 8, scale=0.2, max_zoom=1.5, zoom_prob=0.3)),
 }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_card
-from OAIMSSegment.augment import RECIPES, RGB_RECIPES
+from OAIMSSegment.augment import RECIPES, RGB_RECIPES, RandGlobalIntensityNonlineard
 from OAIMSSegment.errors import InvalidImageError, ModelError
 from OAIMSSegment.model import ClickSegmenter, normalize
 
@@ -107,6 +107,29 @@ def test_augmentation_recipes_are_seeded_and_keep_image_and_label_aligned(recipe
         assert abs(float(out_image.mean())) < 1e-3 and abs(float(out_image.std()) - 1.0) < 1e-2
         if recipe == "intensity":
             assert torch.equal(out_label, label)  # intensities only: the geometry is untouched
+
+
+def test_gin_maps_reorder_tissues_as_another_sequence_does_and_are_seeded():
+    """Three tissues, dark / mid / bright (CSF, brain, lesion on FLAIR). An increasing curve keeps their
+    order and a decreasing one reverses it; another sequence (T1: the lesion darker than the brain, CSF
+    darkest) is neither, and the GIN maps must draw such orders."""
+    image = torch.zeros(1, 48, 48)
+    image[:, :, 16:32], image[:, :, 32:] = 0.5, 1.0
+    regions = [(slice(None), slice(None), slice(0, 16)), (slice(None), slice(None), slice(16, 32)),
+               (slice(None), slice(None), slice(32, 48))]
+    gin = RandGlobalIntensityNonlineard(keys="image", prob=1.0)
+    orders = set()
+    for seed in range(30):
+        gin.set_random_state(seed)
+        out = gin({"image": image})["image"]
+        gin.set_random_state(seed)
+        assert torch.equal(out, gin({"image": image})["image"])  # seeded
+        assert out.shape == image.shape and bool(torch.isfinite(out).all())
+        assert float(out.min()) >= -1e-6 and float(out.max()) <= 1.0 + 1e-6  # a mix of two [0, 1] images
+        orders.add(tuple(np.argsort([float(out[r].mean()) for r in regions])))
+    assert orders - {(0, 1, 2), (2, 1, 0)}, f"only monotone orders drawn: {orders}"
+    never = RandGlobalIntensityNonlineard(keys="image", prob=0.0)
+    assert torch.equal(never({"image": image})["image"], image)
 
 
 def test_intensity_recipes_refuse_a_normalisation_that_needs_a_zero_background():
