@@ -63,7 +63,28 @@ def _scanner_intensities() -> Compose:
     ])
 
 
-class RandGlobalIntensityNonlineard(RandomizableTransform, MapTransform):
+class _RandImageTransformd(RandomizableTransform, MapTransform):
+    """A random transform drawn once a call (``randomize``) and applied to each image key
+    (:meth:`apply`, on the float ``(C, H, W)`` image)."""
+
+    def __init__(self, keys: Sequence[Hashable] | Hashable, prob: float) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return out
+        for key in self.key_iterator(out):
+            out[key] = self.apply(torch.as_tensor(out[key]).float())
+        return out
+
+
+class RandGlobalIntensityNonlineard(_RandImageTransformd):
     """A random non-monotone intensity map (GIN) of images ``(C, H, W)`` in [0, 1]: a fresh shallow
     convolutional network (``layers`` convolutions, ``width`` hidden channels, kernels 1 or 3 drawn per layer,
     N(0, 1) weights, leaky ReLU between them), its output rescaled to [0, 1] and mixed with the input by a
@@ -77,8 +98,7 @@ class RandGlobalIntensityNonlineard(RandomizableTransform, MapTransform):
     """
 
     def __init__(self, keys: Sequence[Hashable] | Hashable, prob: float = 0.3, layers: int = 4, width: int = 2) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob)
         self.layers, self.width = layers, width
         self._seed = 0
         self._alpha = 1.0
@@ -105,15 +125,8 @@ class RandGlobalIntensityNonlineard(RandomizableTransform, MapTransform):
         low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
         return (x - low) / (high - low).clamp_min(1e-6)
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        out = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return out
-        for key in self.key_iterator(out):
-            image = torch.as_tensor(out[key]).float()
-            out[key] = self._alpha * self._network_output(image) + (1.0 - self._alpha) * image
-        return out
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        return self._alpha * self._network_output(image) + (1.0 - self._alpha) * image
 
 
 def _geometry(rotate: float = np.pi / 12, scale: float = 0.15, max_zoom: float = 1.4, zoom_prob: float = 0.2) -> Compose:
@@ -137,7 +150,7 @@ def colour_matrix(saturation: float, hue: float) -> np.ndarray:
     return (saturation * np.eye(3) + (1.0 - saturation) * grey) @ rotation
 
 
-class RandCameraColourd(RandomizableTransform, MapTransform):
+class RandCameraColourd(_RandImageTransformd):
     """Another camera's colour response on RGB images ``(3, H, W)`` in [0, 1]: a gamma curve per
     channel, then a hue rotation and a saturation change (:func:`colour_matrix`); clipped to [0, 1].
 
@@ -151,8 +164,7 @@ class RandCameraColourd(RandomizableTransform, MapTransform):
 
     def __init__(self, keys: Sequence[Hashable] | Hashable, prob: float = 0.8, gamma: tuple[float, float] = (0.7, 1.4),
                  saturation: tuple[float, float] = (0.5, 1.5), hue: float = 0.3) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob)
         self.gamma, self.saturation, self.hue = gamma, saturation, hue
         self._gammas = np.ones(3)
         self._matrix = np.eye(3)
@@ -163,28 +175,19 @@ class RandCameraColourd(RandomizableTransform, MapTransform):
             self._gammas = self.R.uniform(*self.gamma, size=3)
             self._matrix = colour_matrix(self.R.uniform(*self.saturation), self.R.uniform(-self.hue, self.hue))
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        out = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return out
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[0] != 3:
+            raise InvalidImageError(f"colour augmentation needs RGB images (3, H, W), got shape {tuple(image.shape)}")
         gammas = torch.as_tensor(self._gammas, dtype=torch.float32)[:, None, None]
-        matrix = torch.as_tensor(self._matrix, dtype=torch.float32)
-        for key in self.key_iterator(out):
-            image = torch.as_tensor(out[key]).float()
-            if image.shape[0] != 3:
-                raise InvalidImageError(f"colour augmentation needs RGB images (3, H, W), got shape {tuple(image.shape)}")
-            curved = image.clamp(0.0, 1.0) ** gammas
-            out[key] = torch.einsum("ij,jhw->ihw", matrix, curved).clamp(0.0, 1.0)
-        return out
+        curved = image.clamp(0.0, 1.0) ** gammas
+        return torch.einsum("ij,jhw->ihw", torch.as_tensor(self._matrix, dtype=torch.float32), curved).clamp(0.0, 1.0)
 
 
-class RandJpegd(RandomizableTransform, MapTransform):
+class RandJpegd(_RandImageTransformd):
     """JPEG compression (8-bit, in memory) of images ``(3, H, W)`` in [0, 1] at a random quality."""
 
     def __init__(self, keys: Sequence[Hashable] | Hashable, prob: float = 0.3, quality: tuple[int, int] = (20, 90)) -> None:
-        MapTransform.__init__(self, keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob)
         self.quality = quality
         self._quality = quality[1]
 
@@ -193,15 +196,8 @@ class RandJpegd(RandomizableTransform, MapTransform):
         if self._do_transform:
             self._quality = int(self.R.randint(self.quality[0], self.quality[1] + 1))
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        out = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return out
-        for key in self.key_iterator(out):
-            image = torch.as_tensor(out[key]).float().numpy()
-            out[key] = torch.from_numpy(jpeg(255.0 * image, self._quality) / 255.0)
-        return out
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(jpeg(255.0 * image.numpy(), self._quality) / 255.0)
 
 
 def _camera_colours() -> Compose:
