@@ -268,25 +268,27 @@ def evaluate_volumes(model: ClickSegmenter, volumes: list[Volume], methods: list
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from OAIMSSegment import arguments as types
+
     parser = subparsers.add_parser("evaluate-volumes", help="simulated-clinician benchmark on whole 3D volumes")
     parser.add_argument("--model", required=True, help="shipped model name or weights/card path")
-    parser.add_argument("--interactions", type=int, default=10, help="clicks per volume")
+    parser.add_argument("--interactions", type=types.positive_int, default=10, help="clicks per volume")
     parser.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder of 3D volumes")
     parser.add_argument("--axis", default="axial", help="slicing orientation")
     parser.add_argument("--split", default="Ts", choices=["Tr", "Ts"])
-    parser.add_argument("--max-volumes", type=int, help="use at most N volumes, spread evenly over the dataset")
-    parser.add_argument("--methods", default="frozen,pi+mi", help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--max-volumes", type=types.positive_int, help="use at most N volumes, spread evenly over the dataset")
+    parser.add_argument("--methods", type=types.name_list, default="frozen,pi+mi", help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0, help="first seed (volume order)")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
-    parser.add_argument("--lr", type=float, help="adaptation learning rate (default: the model card's)")
-    parser.add_argument("--json", required=True, help="write results here")
-    parser.add_argument("--plot", help="write a Dice-vs-interactions PNG here")
+    parser.add_argument("--seeds", type=types.positive_int, default=1, help="number of seeds (seed, seed+1, ...)")
+    parser.add_argument("--lr", type=types.positive_float, help="adaptation learning rate (default: the model card's)")
+    parser.add_argument("--json", type=types.writable_file, required=True, help="write results here (checked before the run)")
+    parser.add_argument("--plot", type=types.writable_file, help="write a Dice-vs-interactions PNG here")
     defaults = Propagation()
     parser.add_argument("--seeding", default=defaults.seeding, choices=SEEDINGS)
-    parser.add_argument("--min-area-ratio", type=float, default=defaults.min_area_ratio)
-    parser.add_argument("--max-area-ratio", type=float, default=defaults.max_area_ratio)
-    parser.add_argument("--min-overlap", type=float, default=defaults.min_overlap)
-    parser.add_argument("--min-confidence", type=float, default=defaults.min_confidence)
+    parser.add_argument("--min-area-ratio", type=types.non_negative_float, default=defaults.min_area_ratio)
+    parser.add_argument("--max-area-ratio", type=types.positive_float, default=defaults.max_area_ratio)
+    parser.add_argument("--min-overlap", type=types.probability, default=defaults.min_overlap)
+    parser.add_argument("--min-confidence", type=types.probability, default=defaults.min_confidence)
     parser.add_argument("--keep-connected", action="store_true", default=defaults.keep_connected)
     parser.add_argument("--within", type=_pixels_or_none, default=defaults.within,
                         help="keep a propagated mask within this many pixels of its neighbour's ('none': anywhere)")
@@ -296,26 +298,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="after a click's MI step, re-propagate from every other worked slice with the adapted weights")
     parser.add_argument("--slice-by-slice", action="store_true",
                         help="also count the clicks the 2D slice-by-slice workflow needs to reach 3D Dice 0.8")
-    parser.add_argument("--slice-target", type=float, default=0.9, help="2D workflow: a slice is done at this Dice")
-    parser.add_argument("--slice-clicks", type=int, default=5, help="2D workflow: at most this many clicks per slice")
-    parser.add_argument("--slice-cap", type=int, default=400, help="2D workflow: clicks counted for a volume never reaching 0.8")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--slice-target", type=types.probability, default=0.9, help="2D workflow: a slice is done at this Dice")
+    parser.add_argument("--slice-clicks", type=types.positive_int, default=5, help="2D workflow: at most this many clicks per slice")
+    parser.add_argument("--slice-cap", type=types.positive_int, default=400,
+                        help="2D workflow: clicks counted for a volume never reaching 0.8")
+    parser.add_argument("--threads", type=types.non_negative_int, default=0, help="torch threads (0: torch default)")
     parser.set_defaults(func=_run)
 
 
 def _pixels_or_none(text: str) -> float | None:
-    if text.strip().lower() == "none":
-        return None
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected pixels >= 0 or 'none', got {text!r}")
-    return value
+    """``--within``: 'none' (anywhere) or a finite distance of 0 or more pixels."""
+    from OAIMSSegment.arguments import non_negative_float
+
+    return None if text.strip().lower() == "none" else non_negative_float(text)
 
 
 def _run(args: argparse.Namespace) -> int:
-    for name in ("interactions", "seeds"):
-        if getattr(args, name) < 1:
-            raise OAIMSError(f"--{name} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -333,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
                               keep_connected=args.keep_connected, within=args.within)
     config = AdaptConfig(lr=args.lr).for_model(model.card)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods
     slice_options = None
     if args.slice_by_slice:
         slice_options = {"slice_target": args.slice_target, "slice_clicks": args.slice_clicks, "cap": args.slice_cap}

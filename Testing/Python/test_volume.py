@@ -345,8 +345,13 @@ def test_evaluate_volumes_cli_writes_the_json_and_refuses_bad_input(tmp_path):
         assert result["dice_auc_6"] == pytest.approx(np.trapezoid(result["dice"], dx=1.0))
         assert 1 <= result["slice_by_slice_clicks_to_80"] <= 4
     assert (tmp_path / "vol.png").stat().st_size > 0
-    assert main(["evaluate-volumes", "--model", str(weights_path), "--dataset", str(root),
-                 "--interactions", "0", "--json", str(tmp_path / "x.json")]) == 2
+    for bad in (["--interactions", "0"], ["--max-volumes", "0"], ["--lr", "-1"], ["--within", "inf"],
+                ["--min-overlap", "1.5"], ["--json", str(tmp_path)]):  # refused before anything runs, one line, exit 2
+        arguments = {"--json": str(tmp_path / "x.json"), **dict(zip(bad[::2], bad[1::2]))}
+        with pytest.raises(SystemExit) as refused:
+            main(["evaluate-volumes", "--model", str(weights_path), "--dataset", str(root),
+                  *[part for item in arguments.items() for part in item]])
+        assert refused.value.code == 2, bad
     assert main(["evaluate-volumes", "--model", str(weights_path), "--dataset", str(root),
                  "--methods", "nope", "--json", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
