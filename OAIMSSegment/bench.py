@@ -160,12 +160,14 @@ def bench(models: tuple[str, ...] = MODELS, repeats: int = 20, size: int = 256, 
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from OAIMSSegment import arguments as types
+
     parser = subparsers.add_parser("bench", help="latency of forward, forward+backward, MI click, PI accept and first feedback")
-    parser.add_argument("--json", required=True, help="write results here")
+    parser.add_argument("--json", type=types.writable_file, required=True, help="write results here (checked before the run)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="shipped model names")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--size", type=int, default=256, help="image side and working size (px)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--repeats", type=types.positive_int, default=20)
+    parser.add_argument("--size", type=types.positive_int, default=256, help="image side and working size (px, 16 or more)")
+    parser.add_argument("--threads", type=types.non_negative_int, default=0, help="torch threads (0: torch default)")
     parser.set_defaults(func=_run)
 
 
