@@ -14,9 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from OAIMSSegment.data import SLICE_AXES
+from OAIMSSegment.model import MIN_SIDE as MIN_WORKING_SIZE
+
 __all__ = [
-    "MAX_WORKING_SIZE", "positive_int", "non_negative_int", "finite_float", "positive_float", "non_negative_float",
-    "probability", "working_size", "int_list", "name_list", "writable_file",
+    "MIN_WORKING_SIZE", "MAX_WORKING_SIZE", "positive_int", "non_negative_int", "finite_float", "positive_float", "non_negative_float",
+    "probability", "image_side", "working_size", "slice_axes", "int_list", "name_list", "writable_file",
 ]
 
 #: Largest working size (longer image side, pixels) accepted on the command line: 4096 px is
@@ -72,12 +75,32 @@ def probability(text: str) -> float:
     return value
 
 
-def working_size(text: str) -> int:
-    """0 (native resolution) or a longer image side of 16..:data:`MAX_WORKING_SIZE` pixels."""
-    value = non_negative_int(text)
-    if value > MAX_WORKING_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKING_SIZE} px (0: native resolution), got {value}")
+def image_side(text: str) -> int:
+    """An image side of :data:`MIN_WORKING_SIZE`..:data:`MAX_WORKING_SIZE` pixels."""
+    value = _integer(text)
+    if not MIN_WORKING_SIZE <= value <= MAX_WORKING_SIZE:
+        raise argparse.ArgumentTypeError(f"must be {MIN_WORKING_SIZE}..{MAX_WORKING_SIZE} px, got {value}")
     return value
+
+
+def working_size(text: str) -> int:
+    """0 (native resolution) or a longer image side of :data:`MIN_WORKING_SIZE`..:data:`MAX_WORKING_SIZE` pixels."""
+    if non_negative_int(text) == 0:
+        return 0
+    try:
+        return image_side(text)
+    except argparse.ArgumentTypeError as refused:
+        raise argparse.ArgumentTypeError(f"{refused} (or 0: native resolution)") from None
+
+
+def slice_axes(text: str) -> list[str]:
+    """Comma-separated slicing orientations of 3D volumes, each once, e.g. ``axial,coronal``."""
+    axes = [part.strip() for part in text.split(",")]
+    unknown = [axis for axis in axes if axis not in SLICE_AXES]
+    if unknown or len(set(axes)) != len(axes):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct orientations among {', '.join(SLICE_AXES)}, comma-separated; got {text!r}")
+    return axes
 
 
 def int_list(text: str) -> list[int]:

@@ -166,7 +166,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=types.writable_file, required=True, help="write results here (checked before the run)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="shipped model names")
     parser.add_argument("--repeats", type=types.positive_int, default=20)
-    parser.add_argument("--size", type=types.positive_int, default=256, help="image side and working size (px, 16 or more)")
+    parser.add_argument("--size", type=types.image_side, default=256, help="image side and working size (px, 16 or more)")
     parser.add_argument("--threads", type=types.non_negative_int, default=0, help="torch threads (0: torch default)")
     parser.set_defaults(func=_run)
 

@@ -131,7 +131,8 @@ class NnUNetDataset:
         self, split: str = "Tr", axis: str = "axial", min_foreground: int = 1, max_cases: int | None = None
     ) -> Iterator[Sample]:
         """2D samples: each 2D case as it is; each 3D case as slices along ``axis`` having at
-        least ``min_foreground`` foreground pixels."""
+        least ``min_foreground`` foreground pixels, named ``case:index`` (axial) or
+        ``case:axis:index``."""
         if axis not in SLICE_AXES:
             raise DatasetError(f"axis must be one of {', '.join(SLICE_AXES)}, got {axis!r}")
         for case in self.cases(split)[:max_cases]:
@@ -141,12 +142,13 @@ class NnUNetDataset:
                     yield Sample(image, label, case)
                 continue
             along = SLICE_AXES[axis]
+            prefix = case if axis == "axial" else f"{case}:{axis}"
             counts = (label > 0).sum(axis=tuple(a for a in range(3) if a != along))
             for index in np.flatnonzero(counts >= max(1, min_foreground)):
                 yield Sample(
                     np.ascontiguousarray(np.take(image, index, axis=along + 1)),
                     np.ascontiguousarray(np.take(label, index, axis=along)),
-                    f"{case}:{index}",
+                    f"{prefix}:{index}",
                 )
 
 

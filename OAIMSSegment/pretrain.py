@@ -314,7 +314,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="weights file to write (a card <out>.json is written beside it; checked before training)")
     parser.add_argument("--name", help="model name (default: the output file's stem)")
     parser.add_argument("--task", default="", help="one-line description for the model card")
-    parser.add_argument("--axis", default="axial", help="slicing orientation of 3D volumes")
+    parser.add_argument("--axis", type=types.slice_axes, action="append",
+                        help="slicing orientations of 3D volumes, a comma list (e.g. axial,coronal,sagittal); once for "
+                             "every dataset, or once per --dataset in their order (default: axial)")
     parser.add_argument("--normalization", choices=list(NORMALIZATIONS), help="default: zscore for RGB, zscore_nonzero otherwise")
     parser.add_argument("--working-size", type=types.working_size,
                         help=f"resize the longer image side to this, 16..{types.MAX_WORKING_SIZE} px (default: native)")
@@ -371,14 +373,17 @@ def _run(args: argparse.Namespace) -> int:
     else:
         datasets = [NnUNetDataset(folder) for folder in folders]
         dataset = _same_layout(datasets)
-        samples = [sample for each in datasets for sample in each.samples("Tr", axis=args.axis)]
-        described = " + ".join(f"{each.name} imagesTr ({len(each.cases('Tr'))} cases)" for each in datasets)
+        axes = _axes_per_dataset(args.axis or [["axial"]], len(datasets))
+        samples = [sample for each, its_axes in zip(datasets, axes) for axis in its_axes
+                   for sample in each.samples("Tr", axis=axis)]
+        described = " + ".join(f"{each.name} imagesTr ({len(each.cases('Tr'))} cases, {'+'.join(its_axes)} slices)"
+                               for each, its_axes in zip(datasets, axes))
         card = ModelCard(
             name=name, task=args.task or f"Interactive segmentation trained on {described}",
             image_channels=dataset.image_channels, channel_names=dataset.channel_names, labels=dataset.labels,
             normalization=args.normalization or ("zscore" if dataset.rgb else "zscore_nonzero"),
             working_size=args.working_size or None, network=network, adaptation_lr=args.adaptation_lr,
-            training={"dataset": f"{described}, {args.axis} slices with foreground",
+            training={"dataset": f"{described} with foreground",
                       "command": _command(args)},
         )
     config = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -393,6 +398,16 @@ def _run(args: argparse.Namespace) -> int:
     saved = pretrain(card, samples, args.out, config, resume=not args.no_resume, init=init)
     print(f"saved {args.out} (sha256 {saved.sha256[:12]}...) and its card {Path(args.out).with_suffix('.json')}")
     return 0
+
+
+def _axes_per_dataset(axes: list[list[str]], n_datasets: int) -> list[list[str]]:
+    """``--axis`` given once applies to every dataset; otherwise once per ``--dataset``, in order."""
+    if len(axes) == 1:
+        return axes * n_datasets
+    if len(axes) != n_datasets:
+        raise DatasetError(f"--axis was given {len(axes)} times for {n_datasets} dataset(s): give it once for all, "
+                           "or once per --dataset in their order")
+    return axes
 
 
 def _same_layout(datasets: list[NnUNetDataset]) -> NnUNetDataset:

@@ -22,7 +22,7 @@ def test_bench_writes_every_timing_and_its_ratio_to_the_forward_pass(tmp_path):
     assert {"mi", "pi", "first_feedback", "propagate40"} <= set(figures["ratio_to_forward"])
 
 
-@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--threads", "-1"], ["--size", "x"], ["--json", "."]])
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--threads", "-1"], ["--size", "x"], ["--size", "8"], ["--json", "."]])
 def test_bench_refuses_bad_arguments_before_timing_anything(tmp_path, bad):
     arguments = {"--json": str(tmp_path / "bench.json"), **dict(zip(bad[::2], bad[1::2]))}
     with pytest.raises(SystemExit) as refused:
