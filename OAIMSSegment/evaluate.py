@@ -63,6 +63,7 @@ class MethodRun:
     """Per-image Dice curves and latencies of one method over one sequence."""
 
     dice: list[list[float]] = field(default_factory=list)  # images x clicks, mean foreground Dice
+    names: list[str] = field(default_factory=list)  # the images' sample names, in the order of ``dice``
     dice_per_class: dict[str, list[list[float]]] = field(default_factory=dict)
     mi_ms: list[float] = field(default_factory=list)
     pi_ms: list[float] = field(default_factory=list)
@@ -115,6 +116,7 @@ def run_method(
             run.accepted_updates += 1
             run.pi_ms.append(accepted.latency_ms)
         run.dice.append(curve)
+        run.names.append(sample.name)
         for name, values in per_class.items():
             run.dice_per_class.setdefault(name, []).append(values)
     run.model = session.model
@@ -153,7 +155,8 @@ def evaluate(
     (and, when ``runs`` is given, put each method's :class:`MethodRun` per seed in it).
 
     Per method: ``dice`` (mean Dice after clicks 1..T, averaged over images, then seeds),
-    ``dice_std`` (standard deviation over seeds), ``dice_per_class``, ``noc`` (``"80"``,
+    ``dice_std`` (standard deviation over seeds), ``per_image`` (each image's curve by its sample
+    name, averaged over seeds: where the mean loses), ``dice_per_class``, ``noc`` (``"80"``,
     ``"90"``), ``latency_ms`` (``mi_p50``, ``mi_p95``, ``pi_p50``, ``pi_p95``). With ``site``
     (one method, one seed: see :func:`~OAIMSSegment.site_session.open_benchmark_site`) every
     accept goes through :meth:`~OAIMSSegment.site_session.SiteSession.accept`.
@@ -179,6 +182,7 @@ def evaluate(
         results[method] = {
             "dice": curves.mean(axis=0).tolist(),
             "dice_std": curves.std(axis=0).tolist(),
+            "per_image": _per_image(per_seed),
             "dice_per_class": {
                 name: np.mean([np.mean(run.dice_per_class[name], axis=0) for run in per_seed], axis=0).tolist()
                 for name in names
@@ -195,6 +199,15 @@ def evaluate(
             "accepted_updates": int(sum(run.accepted_updates for run in per_seed)),
         }
     return {"results": results}
+
+
+def _per_image(per_seed: Sequence[MethodRun]) -> dict[str, list[float]]:
+    """Each image's Dice curve (clicks 1..T), averaged over the seeds' runs, keyed by sample name."""
+    curves: dict[str, list[list[float]]] = {}
+    for run in per_seed:
+        for name, curve in zip(run.names, run.dice):
+            curves.setdefault(name, []).append(curve)
+    return {name: np.mean(each, axis=0).tolist() for name, each in curves.items()}
 
 
 def plot_curves(summary: dict, path: str | Path, title: str, metric: str | None = None,

@@ -84,6 +84,9 @@ def test_evaluate_writes_the_documented_json(tmp_path, tiny_weights):
         result = summary["results"][method]
         assert len(result["dice"]) == 3 and all(0.0 <= d <= 1.0 for d in result["dice"])
         assert set(result["dice_per_class"]) == {"lesion"}
+        slices = {sample.name for sample in NnUNetDataset(root).samples("Ts")}
+        assert len(result["per_image"]) == 3 and set(result["per_image"]) <= slices
+        assert np.allclose(np.mean(list(result["per_image"].values()), axis=0), result["dice"])
         assert set(result["noc"]) == {"80", "90"} and 1 <= result["noc"]["80"] <= 20
         assert set(result["latency_ms"]) == {"mi_p50", "mi_p95", "pi_p50", "pi_p95"}
     assert summary["results"]["frozen"]["latency_ms"]["mi_p50"] is None
@@ -132,7 +135,6 @@ def test_evaluate_errors_exit_2_with_one_line(tmp_path, tiny_weights, capsys):
     for args, message in [
         (["--dataset", str(tmp_path / "nowhere")], "does not exist"),
         (["--dataset", str(rgb)], "channel"),
-        (["--dataset", str(rgb), "--working-size", "8"], "working_size must be >= 16"),
     ]:
         code = main(["evaluate", "--model", str(tiny_weights), *args, "--json", str(tmp_path / "x.json")])
         assert code == 2
@@ -211,7 +213,8 @@ def test_4d_and_zero_size_volumes_are_named(tmp_path):
     (["--sigma", "inf"], "--sigma: must be a finite number"),
     (["--wrong-fraction", "nan"], "--wrong-fraction: must be a finite number"),
     (["--clicks", "0"], "--clicks: must be at least 1"),
-    (["--working-size", "100000"], "--working-size: must be at most 4096 px"),
+    (["--working-size", "100000"], "--working-size: must be 16..4096 px, got 100000 (or 0: native resolution)"),
+    (["--working-size", "8"], "--working-size: must be 16..4096 px, got 8"),
     (["--min-foreground", "100000"], "no axial slice of ds/imagesTs has at least 100000 foreground pixel"),
 ])
 def test_evaluate_options_are_refused_in_one_line(tmp_path, tiny_weights, capsys, monkeypatch, option, message):
@@ -288,7 +291,7 @@ def test_unusable_slices_are_skipped_named_and_counted(tmp_path, tiny_weights, c
 def test_pretrain_options_are_refused_in_one_line(tmp_path, capsys):
     base = ["pretrain", "--dataset", "synthetic", "--out", str(tmp_path / "m.pt")]
     for option, message in [(["--lr", "nan"], "--lr: must be a finite number"), (["--steps", "0"], "--steps: must be at least 1"),
-                            (["--working-size", "100000"], "at most 4096 px"), (["--channels", "8,x"], "--channels"),
+                            (["--working-size", "100000"], "must be 16..4096 px, got 100000"), (["--channels", "8,x"], "--channels"),
                             (["--batch-size", "-2"], "--batch-size"),
                             (["--out", str(Path(__file__) / "x.pt")], "is not a folder")]:
         with pytest.raises(SystemExit) as exit_info:

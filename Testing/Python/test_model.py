@@ -64,6 +64,8 @@ def test_card_validation():
         ModelCard(name="x", task="x", image_channels=1, labels={"lesion": 1, "other": 0})
     with pytest.raises(ModelError, match="normalization"):
         ModelCard(name="x", task="x", image_channels=1, labels={"background": 0, "a": 1}, normalization="magic")
+    with pytest.raises(ModelError, match="working_size must be >= 16 px"):  # a card file edited by hand
+        ModelCard(name="x", task="x", image_channels=1, labels={"background": 0, "a": 1}, working_size=8)
 
 
 def test_normalisation_and_large_images_are_bounded(tiny_model):
