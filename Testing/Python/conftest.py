@@ -49,8 +49,9 @@ def disk_image():
     return image, mask
 
 
-def write_nnunet_dataset(root: Path, kind: str = "nifti", n: int = 3, rgb: bool = False) -> Path:
-    """A small nnU-Net raw dataset (NIfTI volumes or PNG images) with disks as foreground."""
+def write_nnunet_dataset(root: Path, kind: str = "nifti", n: int = 3, rgb: bool = False, depth: int = 6) -> Path:
+    """A small nnU-Net raw dataset (NIfTI volumes of ``depth`` x 48 x 48 or PNG images) with disks as
+    foreground (in a volume: a radius-8 disk on axial slices 2-4, so 17 coronal and 17 sagittal slices)."""
     rng = np.random.default_rng(1)
     (root / "imagesTs").mkdir(parents=True)
     (root / "labelsTs").mkdir(parents=True)
@@ -60,7 +61,7 @@ def write_nnunet_dataset(root: Path, kind: str = "nifti", n: int = 3, rgb: bool 
     (root / "dataset.json").write_text(json.dumps({"channel_names": channels, "labels": labels, "file_ending": ending}))
     for i in range(n):
         if kind == "nifti":
-            zz, yy, xx = np.mgrid[0:6, 0:48, 0:48]
+            zz, yy, xx = np.mgrid[0:depth, 0:48, 0:48]
             mask = ((yy - 24) ** 2 + (xx - 20 - i) ** 2 <= 64) & (zz >= 2) & (zz <= 4)
             image = (mask * 3.0 + 1.0 + 0.1 * rng.standard_normal(mask.shape)).astype(np.float32)
             sitk.WriteImage(sitk.GetImageFromArray(image), str(root / "imagesTs" / f"case{i}_0000{ending}"))

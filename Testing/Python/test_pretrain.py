@@ -174,39 +174,22 @@ def test_pretrain_on_several_datasets_with_an_augmentation_recipe(tmp_path, caps
 
 
 
-def _box_volumes(root, n):
-    """nnU-Net imagesTr/labelsTr of ``n`` 20 x 32 x 32 volumes whose foreground box spans 4 axial, 12 coronal
-    and 6 sagittal slices."""
-    import SimpleITK as sitk
-
-    for kind in ("imagesTr", "labelsTr"):
-        (root / kind).mkdir(parents=True)
-    (root / "dataset.json").write_text(json.dumps(
-        {"channel_names": {"0": "FLAIR"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}))
-    rng = np.random.default_rng(2)
-    for i in range(n):
-        mask = np.zeros((20, 32, 32), np.uint8)
-        mask[8:12, 10:22, 12 + i:18 + i] = 1
-        image = (3.0 * mask + 1.0 + 0.1 * rng.standard_normal(mask.shape)).astype(np.float32)
-        sitk.WriteImage(sitk.GetImageFromArray(image), str(root / "imagesTr" / f"case{i}_0000.nii.gz"))
-        sitk.WriteImage(sitk.GetImageFromArray(mask), str(root / "labelsTr" / f"case{i}.nii.gz"))
-    return root
-
-
 def test_pretrain_slices_each_dataset_in_the_planes_asked(tmp_path, capsys):
     """``--axis`` once applies to every dataset; once per ``--dataset`` slices each its own way."""
     from OAIMSSegment.cli import main
     from OAIMSSegment.model import load_model
 
-    first, second = _box_volumes(tmp_path / "A", n=2), _box_volumes(tmp_path / "B", n=3)
+    # 20 x 48 x 48 volumes (coronal and sagittal slices tall enough for the network), foreground on
+    # 3 axial, 17 coronal and 17 sagittal slices each
+    first, second = _training_set(tmp_path / "A", n=2, depth=20), _training_set(tmp_path / "B", n=3, depth=20)
     base = ["pretrain", "--steps", "1", "--batch-size", "2", "--channels", "8,16,32", "--no-resume",
             "--dataset", str(first), "--dataset", str(second)]
     assert main([*base, "--axis", "axial,coronal", "--axis", "axial", "--out", str(tmp_path / "m.pt")]) == 0
     card = load_model(tmp_path / "m.pt").card
-    assert card.training["samples"] == 2 * (4 + 12) + 3 * 4
+    assert card.training["samples"] == 2 * (3 + 17) + 3 * 3
     assert "A imagesTr (2 cases, axial+coronal slices) + B imagesTr (3 cases, axial slices)" in card.training["dataset"]
     assert main([*base, "--axis", "sagittal", "--out", str(tmp_path / "s.pt")]) == 0
-    assert load_model(tmp_path / "s.pt").card.training["samples"] == 5 * 6
+    assert load_model(tmp_path / "s.pt").card.training["samples"] == 5 * 17
     assert "skipped" not in capsys.readouterr().out
     assert main([*base, "--axis", "axial", "--axis", "axial", "--axis", "coronal", "--out", str(tmp_path / "bad.pt")]) == 2
     assert "--axis was given 3 times for 2 dataset(s)" in capsys.readouterr().err
@@ -220,11 +203,11 @@ def test_pretrain_slices_each_dataset_in_the_planes_asked(tmp_path, capsys):
 def test_a_slice_of_another_plane_is_named_by_its_plane(tmp_path):
     from OAIMSSegment.data import NnUNetDataset
 
-    dataset = NnUNetDataset(_box_volumes(tmp_path / "A", n=1))
-    assert [s.name for s in dataset.samples("Tr")] == ["case0:8", "case0:9", "case0:10", "case0:11"]
+    dataset = NnUNetDataset(_training_set(tmp_path / "A", n=1, depth=20))
+    assert [s.name for s in dataset.samples("Tr")] == ["case0:2", "case0:3", "case0:4"]
     coronal = list(dataset.samples("Tr", axis="coronal"))
-    assert [s.name for s in coronal] == [f"case0:coronal:{index}" for index in range(10, 22)]
-    assert coronal[0].image.shape == (1, 20, 32) and coronal[0].label.sum() == 4 * 6
+    assert [s.name for s in coronal] == [f"case0:coronal:{index}" for index in range(16, 33)]
+    assert coronal[8].image.shape == (1, 20, 48) and coronal[8].label.sum() == 3 * 17  # the disk's diameter
 
 
 def test_the_schedule_runs_for_every_short_probe_length():
